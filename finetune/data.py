@@ -1,0 +1,239 @@
+"""Seed-format JSON -> ``datasets.Dataset`` -> tokenized columns -> sampled, padded batches.
+
+Pipeline: ``load_raw_dataset`` (validated, cached by file contents) -> ``tokenize_dataset``
+(``datasets.map``, cached by tokenizer and settings) -> ``TripletDataset`` (samples one positive
+and k negatives per query, seeded by (seed, epoch, index)) -> ``TripletCollator`` (dynamic padding,
+document layout of ``finetune.losses``).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from collections.abc import Iterator
+
+import datasets
+import numpy as np
+import torch
+from torch.utils.data import Dataset, Sampler
+from transformers import PreTrainedTokenizerBase
+
+from finetune.schema import NEG_DOC, POS_DOC, QUESTION, SOURCE, DataFormatError, RecordProblem, expand_data_files, read_records
+
+RAW_FEATURES = datasets.Features({
+    QUESTION: datasets.Value("string"),
+    POS_DOC: datasets.List(datasets.Value("string")),
+    NEG_DOC: datasets.List(datasets.Value("string")),
+    SOURCE: datasets.Value("string"),
+})
+TOKENIZED_FEATURES = datasets.Features({
+    "query_input_ids": datasets.List(datasets.Value("int32")),
+    "pos_input_ids": datasets.List(datasets.List(datasets.Value("int32"))),
+    "neg_input_ids": datasets.List(datasets.List(datasets.Value("int32"))),
+    "pos_keys": datasets.List(datasets.Value("int64")),
+    "neg_keys": datasets.List(datasets.Value("int64")),
+    SOURCE: datasets.Value("string"),
+})
+
+
+def text_key(text: str) -> int:
+    """A 64-bit content hash of a document text: equal texts get equal keys (duplicate masking)."""
+    return int.from_bytes(hashlib.blake2b(text.encode("utf-8"), digest_size=8).digest(), "little", signed=True)
+
+
+def _generate_records(files: list[str], stamps: list) -> Iterator[dict]:
+    # ``stamps`` is unused here; it is part of gen_kwargs so that the datasets cache key changes with the files.
+    yield from read_records(files)
+
+
+def load_raw_dataset(patterns: str | list[str]) -> datasets.Dataset:
+    """Validated records of all files as a Dataset (columns question, pos_doc, neg_doc, source).
+
+    Cached by the datasets library, keyed on file paths, sizes and modification times, so an
+    unchanged file is not parsed again. Raises DataFormatError naming every bad record.
+    """
+    files = [os.path.abspath(path) for path in expand_data_files(patterns)]
+    stamps = [(os.path.getsize(path), os.stat(path).st_mtime_ns) for path in files]
+    try:
+        return datasets.Dataset.from_generator(_generate_records, features=RAW_FEATURES,
+                                               gen_kwargs={"files": files, "stamps": stamps})
+    except datasets.exceptions.DatasetGenerationError as error:
+        # datasets wraps exceptions of the generator; show ours as they are, without its traceback.
+        cause = error.__cause__ or error.__context__
+        if isinstance(cause, DataFormatError):
+            raise cause from None
+        raise
+
+
+def _tokenize_batch(batch: dict, tokenizer, query_prefix: str, passage_prefix: str,
+                    query_max_length: int, passage_max_length: int) -> dict:
+    def tokenize(texts: list[str], prefix: str, max_length: int) -> list[list[int]]:
+        if not texts:
+            return []
+        return tokenizer([prefix + text for text in texts], truncation=True, max_length=max_length)["input_ids"]
+
+    def tokenize_lists(lists: list[list[str]]) -> list[list[list[int]]]:
+        flat = tokenize([text for texts in lists for text in texts], passage_prefix, passage_max_length)
+        out, start = [], 0
+        for texts in lists:
+            out.append(flat[start:start + len(texts)])
+            start += len(texts)
+        return out
+
+    return {
+        "query_input_ids": tokenize(batch[QUESTION], query_prefix, query_max_length),
+        "pos_input_ids": tokenize_lists(batch[POS_DOC]),
+        "neg_input_ids": tokenize_lists(batch[NEG_DOC]),
+        "pos_keys": [[text_key(text) for text in texts] for texts in batch[POS_DOC]],
+        "neg_keys": [[text_key(text) for text in texts] for texts in batch[NEG_DOC]],
+        SOURCE: batch[SOURCE],
+    }
+
+
+def _tokenizer_fingerprint(tokenizer: PreTrainedTokenizerBase) -> str:
+    """A hash of what the tokenizer does to text (vocabulary, normalizer, special tokens...).
+
+    The backend's truncation/padding state is left out: it changes with every call's arguments.
+    """
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is not None:
+        definition = json.loads(backend.to_str())
+        definition.pop("truncation", None)
+        definition.pop("padding", None)
+    else:
+        definition = tokenizer.get_vocab()
+    description = json.dumps([definition, tokenizer.padding_side, type(tokenizer).__name__], sort_keys=True)
+    return hashlib.sha256(description.encode("utf-8")).hexdigest()
+
+
+def tokenize_dataset(raw: datasets.Dataset, tokenizer: PreTrainedTokenizerBase, *, query_prefix: str = "",
+                     passage_prefix: str = "", query_max_length: int = 64, passage_max_length: int = 256,
+                     num_proc: int | None = None) -> datasets.Dataset:
+    """Tokenize every query (with ``query_prefix``) and document (with ``passage_prefix``) once.
+
+    Columns: query_input_ids (T,), pos_input_ids / neg_input_ids (n, T), pos_keys / neg_keys (n,)
+    content hashes, source. Cached: the fingerprint covers the raw data, the tokenizer's full
+    definition, the prefixes and the lengths.
+    """
+    settings = dict(query_prefix=query_prefix, passage_prefix=passage_prefix,
+                    query_max_length=query_max_length, passage_max_length=passage_max_length)
+    fingerprint = hashlib.sha256(json.dumps(
+        [raw._fingerprint, _tokenizer_fingerprint(tokenizer), settings, "v1"], sort_keys=True).encode()).hexdigest()[:32]
+    return raw.map(_tokenize_batch, batched=True, fn_kwargs={"tokenizer": tokenizer, **settings},
+                   remove_columns=raw.column_names, features=TOKENIZED_FEATURES, new_fingerprint=fingerprint,
+                   num_proc=num_proc, desc="Tokenizing")
+
+
+def check_enough_negatives(tokenized: datasets.Dataset, num_hard_negatives: int) -> None:
+    """With k > 0 every record needs at least one negative to sample from (with replacement)."""
+    if num_hard_negatives == 0:
+        return
+    counts = tokenized.map(lambda batch: {"n": [len(keys) for keys in batch["neg_keys"]]}, batched=True,
+                           remove_columns=tokenized.column_names, desc="Counting negatives")["n"]
+    empty = [index for index, count in enumerate(counts) if count == 0]
+    if empty:
+        message = (f"empty, but --num_hard_negatives={num_hard_negatives} needs at least one negative to sample "
+                   "(use --num_hard_negatives 0 for in-batch negatives only, or mine negatives with "
+                   "`python -m data_prep.mine`)")
+        raise DataFormatError([RecordProblem(*source.rsplit(", ", 1), NEG_DOC, message)
+                               for source in tokenized.select(empty)[SOURCE]])
+
+
+class TripletDataset(Dataset):
+    """Per query: one positive (sampled from pos_doc) and k negatives (from neg_doc), deterministically.
+
+    ``dataset[i]`` uses epoch 0; ``dataset[(epoch, i)]`` (what EpochShuffleSampler yields) makes the
+    draw change with the epoch. Negatives are drawn without replacement when the record has at
+    least k, with replacement otherwise (NeMo's ``hard_negatives_to_train``). The draw depends
+    only on (seed, epoch, i), so a resumed run sees the same examples.
+    """
+
+    def __init__(self, tokenized: datasets.Dataset, num_hard_negatives: int, seed: int = 42):
+        self.tokenized = tokenized
+        self.num_hard_negatives = num_hard_negatives
+        self.seed = seed
+
+    def __len__(self) -> int:
+        return len(self.tokenized)
+
+    def __getitem__(self, key: int | tuple[int, int]) -> dict:
+        epoch, index = key if isinstance(key, tuple) else (0, key)
+        row = self.tokenized[int(index)]
+        rng = np.random.default_rng((self.seed, epoch, int(index)))
+        k = self.num_hard_negatives
+        positive = int(rng.integers(len(row["pos_keys"])))
+        available = len(row["neg_keys"])
+        negatives = rng.choice(available, size=k, replace=available < k).tolist() if k else []
+        return {
+            "query_input_ids": row["query_input_ids"],
+            "doc_input_ids": [row["pos_input_ids"][positive]] + [row["neg_input_ids"][n] for n in negatives],
+            "doc_keys": [row["pos_keys"][positive]] + [row["neg_keys"][n] for n in negatives],
+        }
+
+
+class EpochShuffleSampler(Sampler):
+    """A seeded random permutation per epoch that yields ``(epoch, index)`` keys for TripletDataset.
+
+    Accelerate and the Trainer call ``set_epoch`` (it reaches samplers through their wrappers,
+    unlike ``Dataset.set_epoch``), and the order depends only on (seed, epoch), so resuming
+    mid-epoch with skipped batches reproduces the same stream.
+    """
+
+    def __init__(self, num_samples: int, seed: int = 42):
+        self.num_samples = num_samples
+        self.seed = seed
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = int(epoch)
+
+    def __len__(self) -> int:
+        return self.num_samples
+
+    def __iter__(self):
+        generator = torch.Generator().manual_seed(self.seed + self.epoch)
+        for index in torch.randperm(self.num_samples, generator=generator).tolist():
+            yield (self.epoch, index)
+
+
+def pad_sequences(sequences: list[list[int]], pad_token_id: int, padding_side: str = "right",
+                  pad_to_multiple_of: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Pad token id lists to the longest: -> input_ids (N, T) and attention_mask (N, T), int64."""
+    length = max(len(sequence) for sequence in sequences)
+    if pad_to_multiple_of:
+        length = -(-length // pad_to_multiple_of) * pad_to_multiple_of
+    input_ids = torch.full((len(sequences), length), pad_token_id, dtype=torch.long)
+    attention_mask = torch.zeros((len(sequences), length), dtype=torch.long)
+    for row, sequence in enumerate(sequences):
+        span = slice(length - len(sequence), length) if padding_side == "left" else slice(0, len(sequence))
+        input_ids[row, span] = torch.tensor(sequence, dtype=torch.long)
+        attention_mask[row, span] = 1
+    return input_ids, attention_mask
+
+
+class TripletCollator:
+    """Examples of TripletDataset -> one batch with dynamic padding.
+
+    Output: query_input_ids / query_attention_mask (B, Tq); doc_input_ids / doc_attention_mask
+    (B*(1+k), Td) ordered [positives..., negatives of query 0, of query 1, ...]; doc_keys (B*(1+k),).
+    """
+
+    def __init__(self, tokenizer: PreTrainedTokenizerBase, pad_to_multiple_of: int | None = None):
+        if tokenizer.pad_token_id is None:
+            raise ValueError("The tokenizer has no pad token; set one (e.g. tokenizer.pad_token = tokenizer.eos_token).")
+        self.pad_token_id = tokenizer.pad_token_id
+        self.padding_side = tokenizer.padding_side
+        self.pad_to_multiple_of = pad_to_multiple_of
+
+    def __call__(self, features: list[dict]) -> dict[str, torch.Tensor]:
+        positives = [feature["doc_input_ids"][0] for feature in features]
+        negatives = [ids for feature in features for ids in feature["doc_input_ids"][1:]]
+        keys = [feature["doc_keys"][0] for feature in features] + [key for f in features for key in f["doc_keys"][1:]]
+        query_ids, query_mask = pad_sequences([f["query_input_ids"] for f in features], self.pad_token_id,
+                                              self.padding_side, self.pad_to_multiple_of)
+        doc_ids, doc_mask = pad_sequences(positives + negatives, self.pad_token_id, self.padding_side,
+                                          self.pad_to_multiple_of)
+        return {"query_input_ids": query_ids, "query_attention_mask": query_mask,
+                "doc_input_ids": doc_ids, "doc_attention_mask": doc_mask,
+                "doc_keys": torch.tensor(keys, dtype=torch.long)}

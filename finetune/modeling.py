@@ -1,0 +1,134 @@
+"""The embedding model: a Hugging Face encoder followed by pooling and optional L2 normalisation.
+
+``EmbeddingModel(input_ids (B, T), attention_mask (B, T)) -> (B, D)``. It loads any HF encoder
+or SentenceTransformer folder/repo and saves a complete SentenceTransformer folder.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+from torch import nn
+from transformers import AutoModel, AutoTokenizer, PreTrainedTokenizerBase
+
+from finetune.pooling import pool
+from finetune.st_layout import read_sentence_transformer_config, write_sentence_transformer_files
+
+
+def _load_encoder(model_name_or_path: str, subfolder: str, trust_remote_code: bool) -> nn.Module:
+    """AutoModel with any pooler head frozen.
+
+    The pooler (BERT's dense layer on [CLS]) is not used by the embedding, so its weights would get
+    no gradient and break DDP's unused-parameter check. Freezing it (rather than dropping it) keeps
+    its weights in the saved model, so every loader sees a complete checkpoint.
+    """
+    kwargs = {"trust_remote_code": trust_remote_code}
+    if subfolder:
+        kwargs["subfolder"] = subfolder
+    encoder = AutoModel.from_pretrained(model_name_or_path, **kwargs)
+    pooler = getattr(encoder, "pooler", None)
+    if isinstance(pooler, nn.Module):
+        pooler.requires_grad_(False)
+    return encoder
+
+
+class EmbeddingModel(nn.Module):
+    """Encoder + pooling (+ normalisation), with the metadata needed to save a SentenceTransformer.
+
+    ``query_prefix``/``passage_prefix`` and ``max_seq_length`` are only written on save; the
+    data pipeline applies prefixes and truncation before tokens reach ``forward``.
+    """
+
+    def __init__(self, encoder: nn.Module, tokenizer: PreTrainedTokenizerBase, *, pooling: str, normalize: bool,
+                 query_prefix: str = "", passage_prefix: str = "", max_seq_length: int = 512):
+        super().__init__()
+        self.encoder = encoder
+        self.tokenizer = tokenizer
+        self.pooling = pooling
+        self.normalize = normalize
+        self.query_prefix = query_prefix
+        self.passage_prefix = passage_prefix
+        self.max_seq_length = max_seq_length
+
+    @classmethod
+    def from_pretrained(cls, model_name_or_path: str, *, pooling: str | None = None, normalize: bool | None = None,
+                        trust_remote_code: bool = False, **metadata) -> "EmbeddingModel":
+        """Load an HF encoder or a SentenceTransformer; ``None`` options come from its ST config.
+
+        Defaults for a plain HF encoder: mean pooling with normalisation.
+        """
+        st = read_sentence_transformer_config(model_name_or_path)
+        encoder = _load_encoder(model_name_or_path, st.transformer_subfolder, trust_remote_code)
+        tokenizer_kwargs = {"subfolder": st.transformer_subfolder} if st.transformer_subfolder else {}
+        tokenizer = AutoTokenizer.from_pretrained(model_name_or_path, trust_remote_code=trust_remote_code, **tokenizer_kwargs)
+        pooling = pooling or st.pooling or "mean"
+        normalize = normalize if normalize is not None else (st.normalize if st.normalize is not None else True)
+        return cls(encoder, tokenizer, pooling=pooling, normalize=normalize, **metadata)
+
+    @property
+    def embedding_dimension(self) -> int:
+        return self.encoder.config.hidden_size
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """Shapes: input_ids, attention_mask (B, T) -> embeddings (B, D)."""
+        token_emb = self.encoder(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state  # (B, T, D)
+        return pool(token_emb, attention_mask, self.pooling, self.normalize)
+
+    def gradient_checkpointing_enable(self, gradient_checkpointing_kwargs: dict | None = None) -> None:
+        """Called by the Trainer when ``--gradient_checkpointing`` is set."""
+        self.encoder.gradient_checkpointing_enable(gradient_checkpointing_kwargs=gradient_checkpointing_kwargs)
+
+    def encoder_state_dict(self, state_dict: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
+        """The encoder's weights with HF key names, from this model or from a full (gathered) state dict."""
+        state_dict = self.state_dict() if state_dict is None else state_dict
+        return {key.removeprefix("encoder."): value for key, value in state_dict.items() if key.startswith("encoder.")}
+
+    def save_pretrained(self, output_dir: str, state_dict: dict[str, torch.Tensor] | None = None) -> None:
+        """Write a complete SentenceTransformer folder: HF weights + tokenizer at the root, ST files around them.
+
+        ``state_dict`` (keys as in ``self.state_dict()``) overrides the live weights, e.g. the
+        full weights gathered under ZeRO-3/FSDP.
+        """
+        import sentence_transformers
+        import transformers
+
+        self.encoder.save_pretrained(output_dir, state_dict=self.encoder_state_dict(state_dict))
+        self.tokenizer.save_pretrained(output_dir)
+        write_sentence_transformer_files(
+            output_dir,
+            embedding_dimension=self.embedding_dimension,
+            pooling=self.pooling,
+            normalize=self.normalize,
+            max_seq_length=self.max_seq_length,
+            query_prefix=self.query_prefix,
+            passage_prefix=self.passage_prefix,
+            versions={"sentence_transformers": sentence_transformers.__version__,
+                      "transformers": transformers.__version__, "pytorch": torch.__version__},
+        )
+
+    def load_encoder_weights(self, folder: str) -> None:
+        """Load encoder weights saved by ``save_pretrained`` (single or sharded safetensors), strictly."""
+        from transformers.modeling_utils import load_sharded_checkpoint
+        import safetensors.torch
+
+        single = os.path.join(folder, "model.safetensors")
+        if os.path.isfile(single):
+            self.encoder.load_state_dict(safetensors.torch.load_file(single), strict=True)
+        else:
+            load_sharded_checkpoint(self.encoder, folder, strict=True)
+
+    @torch.no_grad()
+    def encode(self, texts: list[str], *, prefix: str = "", max_length: int | None = None,
+               batch_size: int = 64) -> torch.Tensor:
+        """Embed raw texts exactly as training does (prefix, truncation, pooling): (N, D) fp32 on CPU."""
+        was_training = self.training
+        self.eval()
+        device = next(self.parameters()).device
+        chunks = []
+        for start in range(0, len(texts), batch_size):
+            batch = self.tokenizer([prefix + text for text in texts[start:start + batch_size]], padding=True,
+                                   truncation=True, max_length=max_length or self.max_seq_length, return_tensors="pt")
+            chunks.append(self(batch["input_ids"].to(device), batch["attention_mask"].to(device)).float().cpu())
+        self.train(was_training)
+        return torch.cat(chunks) if chunks else torch.empty(0, self.embedding_dimension)

@@ -1,0 +1,186 @@
+"""The NeMo SBERT record schema and a streaming reader that validates every record.
+
+A record is ``{"question": str, "pos_doc": [str, ...], "neg_doc": [str, ...]}``: ``question``
+a non-empty string, ``pos_doc`` a non-empty list of non-empty strings, ``neg_doc`` a list of
+non-empty strings (may be empty, may be absent = empty). Files are JSON Lines or one JSON array,
+optionally gzip-compressed (``.gz``). Shared by ``finetune.data`` and ``data_prep``.
+"""
+
+from __future__ import annotations
+
+import glob
+import gzip
+import json
+import os
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+QUESTION, POS_DOC, NEG_DOC = "question", "pos_doc", "neg_doc"
+SOURCE = "source"  # where a record came from, added by read_records
+
+
+@dataclass(frozen=True)
+class RecordProblem:
+    """One problem with one record: where it is, which field, and what was expected."""
+
+    file: str
+    location: str  # "line 12" (JSON Lines) or "record 12" (JSON array), 1-based
+    field: str | None
+    message: str
+
+    def __str__(self) -> str:
+        where = f"{self.file}, {self.location}"
+        return f"{where}, field '{self.field}': {self.message}" if self.field else f"{where}: {self.message}"
+
+
+class DataFormatError(ValueError):
+    """Raised when input data is unusable; ``problems`` lists every bad record found."""
+
+    def __init__(self, problems: list[RecordProblem], max_shown: int = 20):
+        self.problems = problems
+        shown = "\n".join(f"  - {problem}" for problem in problems[:max_shown])
+        more = f"\n  ... and {len(problems) - max_shown} more" if len(problems) > max_shown else ""
+        super().__init__(
+            f"{len(problems)} problem(s) in the training data:\n{shown}{more}\n"
+            'Each record must look like {"question": "...", "pos_doc": ["..."], "neg_doc": ["...", ...]}; '
+            "run `python -m data_prep.validate FILE` for a full report."
+        )
+
+
+def _describe(value) -> str:
+    text = json.dumps(value, ensure_ascii=False) if not isinstance(value, (bytes, bytearray)) else repr(value)
+    return f"{type(value).__name__} {text[:60] + '...' if len(text) > 60 else text}"
+
+
+def _check_text_list(record: dict, key: str, allow_empty: bool) -> list[tuple[str, str]]:
+    value = record[key]
+    if isinstance(value, str):
+        return [(key, f"expected a list of strings, got a single string; wrap it: [{json.dumps(value[:40])}...]")]
+    if not isinstance(value, list):
+        return [(key, f"expected a list of strings, got {_describe(value)}")]
+    if not value and not allow_empty:
+        return [(key, "expected a non-empty list of strings, got []")]
+    problems = []
+    for position, item in enumerate(value):
+        if not isinstance(item, str):
+            problems.append((f"{key}[{position}]", f"expected a string, got {_describe(item)}"))
+        elif not item.strip():
+            problems.append((f"{key}[{position}]", "expected a non-empty string, got an empty one"))
+    return problems
+
+
+def check_record(record) -> list[tuple[str | None, str]]:
+    """The problems of one parsed record as ``(field, message)`` pairs; empty when it is valid."""
+    if not isinstance(record, dict):
+        return [(None, f"expected a JSON object, got {_describe(record)}")]
+    problems: list[tuple[str | None, str]] = []
+    if QUESTION not in record:
+        problems.append((QUESTION, "missing; expected a non-empty string"))
+    elif not isinstance(record[QUESTION], str):
+        problems.append((QUESTION, f"expected a string, got {_describe(record[QUESTION])}"))
+    elif not record[QUESTION].strip():
+        problems.append((QUESTION, "expected a non-empty string, got an empty one"))
+    if POS_DOC not in record:
+        problems.append((POS_DOC, "missing; expected a non-empty list of strings"))
+    else:
+        problems.extend(_check_text_list(record, POS_DOC, allow_empty=False))
+    if NEG_DOC in record:
+        problems.extend(_check_text_list(record, NEG_DOC, allow_empty=True))
+    return problems
+
+
+def normalize_record(record: dict) -> dict:
+    """The record reduced to the three schema fields (absent ``neg_doc`` becomes [])."""
+    return {QUESTION: record[QUESTION], POS_DOC: list(record[POS_DOC]), NEG_DOC: list(record.get(NEG_DOC, []))}
+
+
+def expand_data_files(patterns: str | list[str]) -> list[str]:
+    """Files named by paths or glob patterns, in a stable order; a pattern matching nothing is an error."""
+    patterns = [patterns] if isinstance(patterns, str) else list(patterns)
+    files: list[str] = []
+    for pattern in patterns:
+        matches = sorted(glob.glob(pattern)) if glob.has_magic(pattern) else [pattern]
+        if not matches or not all(os.path.isfile(path) for path in matches):
+            raise FileNotFoundError(f"Data file not found: {pattern!r} (give a file path or a glob such as 'data/*.jsonl').")
+        files.extend(matches)
+    return files
+
+
+def _open_text(path: str):
+    opener = gzip.open if path.endswith(".gz") else open
+    return opener(path, "rt", encoding="utf-8", errors="strict")
+
+
+def _read_text(path: str) -> str:
+    try:
+        with _open_text(path) as handle:
+            return handle.read()
+    except UnicodeDecodeError as error:
+        raise DataFormatError([RecordProblem(path, f"byte {error.start}", None,
+                                             f"not valid UTF-8 ({error.reason}); re-encode the file as UTF-8")]) from None
+    except (OSError, EOFError) as error:  # e.g. a corrupt gzip stream
+        raise DataFormatError([RecordProblem(path, "file", None, f"cannot be read: {error}")]) from None
+
+
+def iter_file_records(path: str) -> Iterator[tuple[str, object, str | None]]:
+    """Yield ``(location, parsed_record_or_None, json_error_or_None)`` for every record of one file.
+
+    The format is detected from the first non-blank character: ``[`` means a JSON array,
+    anything else JSON Lines. Blank lines of JSON Lines are skipped.
+    """
+    text = _read_text(path)
+    stripped = text.lstrip()
+    if not stripped:
+        return
+    if stripped.startswith("["):
+        try:
+            records = json.loads(text)
+        except json.JSONDecodeError as error:
+            hint = " (the file starts with '[' but is not one JSON array; JSON Lines files hold one object per line)"
+            yield f"line {error.lineno}", None, f"invalid JSON: {error.msg} at column {error.colno}{hint}"
+            return
+        for index, record in enumerate(records, start=1):
+            yield f"record {index}", record, None
+        return
+    for line_number, line in enumerate(text.splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            yield f"line {line_number}", json.loads(line), None
+        except json.JSONDecodeError as error:
+            hint = " (a pretty-printed JSON object? JSON Lines needs one object per line)" if line.strip() in "{[" else ""
+            yield f"line {line_number}", None, f"invalid JSON: {error.msg} at column {error.colno}{hint}"
+
+
+def find_problems(files: list[str]) -> list[RecordProblem]:
+    """Every problem of every record of ``files`` (an empty file is one problem)."""
+    problems: list[RecordProblem] = []
+    for path in files:
+        count = 0
+        for location, record, json_error in iter_file_records(path):
+            count += 1
+            if json_error:
+                problems.append(RecordProblem(path, location, None, json_error))
+                continue
+            problems.extend(RecordProblem(path, location, field_name, message)
+                            for field_name, message in check_record(record))
+        if count == 0:
+            problems.append(RecordProblem(path, "file", None, "holds no records (empty file)"))
+    return problems
+
+
+def read_records(patterns: str | list[str]) -> Iterator[dict]:
+    """Validate every record of every file first, then yield them normalised, in file order.
+
+    Each yielded record also carries ``SOURCE`` ("file, line N"), for later error messages.
+
+    Raises DataFormatError listing all problems (before anything is yielded) when any record
+    is bad or a file holds no record.
+    """
+    files = expand_data_files(patterns)
+    problems = find_problems(files)
+    if problems:
+        raise DataFormatError(problems)
+    for path in files:
+        for location, record, _ in iter_file_records(path):
+            yield {**normalize_record(record), SOURCE: f"{path}, {location}"}

@@ -1,0 +1,147 @@
+"""Fine-tune an embedding model with a multiple-negatives ranking loss on NeMo SBERT-format data.
+
+Launch (the default job fine-tunes the packaged all-MiniLM-L6-v2 on the bundled example data):
+
+    accelerate launch finetune/train.py                                  # defaults, 1 process
+    python finetune/train.py --train_file data/*.jsonl --output_dir out  # plain python, 1 process
+    python finetune/train.py finetune/recipes/minilm_cpu.yaml --max_steps 50  # recipe + overrides
+
+The output directory is a SentenceTransformer folder: ``SentenceTransformer(output_dir)``.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+from pathlib import Path
+
+# `accelerate launch finetune/train.py` puts this folder first on sys.path; drop it so that our
+# module names (e.g. finetune/evaluate.py) cannot shadow installed packages of the same name.
+_HERE = Path(__file__).resolve().parent
+sys.path[:] = [entry for entry in sys.path if Path(entry or ".").resolve() != _HERE]
+
+import transformers  # noqa: E402
+from transformers.trainer_utils import get_last_checkpoint  # noqa: E402
+
+from finetune.arguments import DataArguments, EmbeddingTrainingArguments, ModelArguments  # noqa: E402
+from finetune.config import RecipeError, parse_arguments  # noqa: E402
+from finetune.data import (TripletCollator, TripletDataset, check_enough_negatives, load_raw_dataset,  # noqa: E402
+                           tokenize_dataset)
+from finetune.modeling import EmbeddingModel  # noqa: E402
+from finetune.schema import DataFormatError  # noqa: E402
+from finetune.trainer import EmbeddingTrainer  # noqa: E402
+
+logger = logging.getLogger("finetune.train")
+
+
+class OutputDirError(ValueError):
+    """The output directory cannot be used as asked."""
+
+
+def find_resume_checkpoint(training_args: EmbeddingTrainingArguments) -> str | None:
+    """The checkpoint to resume from (NeMo's resume_if_exists), or None to start fresh.
+
+    ``--resume_from_checkpoint PATH`` wins; else the last ``checkpoint-*`` in output_dir. A non-empty
+    output_dir without checkpoints is refused unless ``--overwrite_output_dir``.
+    """
+    if training_args.resume_from_checkpoint:
+        return training_args.resume_from_checkpoint
+    output_dir = training_args.output_dir
+    if not os.path.isdir(output_dir):
+        return None
+    last = get_last_checkpoint(output_dir)
+    if last is not None:
+        return last
+    if os.listdir(output_dir) and not training_args.overwrite_output_dir:
+        raise OutputDirError(
+            f"Output directory {output_dir!r} is not empty and holds no checkpoint to resume from. "
+            "Choose another --output_dir, or pass --overwrite_output_dir true to train over it.")
+    return None
+
+
+def setup_logging(training_args: EmbeddingTrainingArguments) -> None:
+    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S",
+                        handlers=[logging.StreamHandler(sys.stdout)])
+    level = training_args.get_process_log_level()
+    logger.setLevel(level)
+    transformers.utils.logging.set_verbosity(level)
+
+
+def build_datasets(data_args: DataArguments, training_args: EmbeddingTrainingArguments, tokenizer):
+    """Validated, tokenized train (and validation) TripletDatasets; validation is None when not given."""
+    def build(files: list[str]) -> TripletDataset:
+        raw = load_raw_dataset(files)
+        tokenized = tokenize_dataset(raw, tokenizer, query_prefix=data_args.query_prefix,
+                                     passage_prefix=data_args.passage_prefix,
+                                     query_max_length=data_args.query_max_length,
+                                     passage_max_length=data_args.passage_max_length,
+                                     num_proc=data_args.preprocessing_num_workers)
+        check_enough_negatives(tokenized, data_args.num_hard_negatives)
+        return TripletDataset(tokenized, data_args.num_hard_negatives, seed=training_args.seed)
+
+    with training_args.main_process_first(desc="dataset preparation"):
+        train_dataset = build(data_args.train_file)
+        eval_dataset = build(data_args.validation_file) if data_args.validation_file else None
+    return train_dataset, eval_dataset
+
+
+def run(model_args: ModelArguments, data_args: DataArguments, training_args: EmbeddingTrainingArguments) -> dict:
+    """Train, save and evaluate; returns the final metrics (train and, if any, validation)."""
+    setup_logging(training_args)
+    resume_from = find_resume_checkpoint(training_args)
+    # Validate all data before the model is loaded: a bad record should cost seconds, not GPU time.
+    with training_args.main_process_first(desc="data validation"):
+        for files in filter(None, (data_args.train_file, data_args.validation_file)):
+            load_raw_dataset(files)
+    model = EmbeddingModel.from_pretrained(
+        model_args.model_name_or_path, pooling=model_args.pooling, normalize=model_args.normalize,
+        trust_remote_code=model_args.trust_remote_code, query_prefix=data_args.query_prefix,
+        passage_prefix=data_args.passage_prefix,
+        max_seq_length=max(data_args.query_max_length, data_args.passage_max_length))
+    train_dataset, eval_dataset = build_datasets(data_args, training_args, model.tokenizer)
+    logger.info("Model %s (pooling=%s, normalize=%s); %d training and %d validation queries; %d hard negatives each.",
+                model_args.model_name_or_path, model.pooling, model.normalize, len(train_dataset),
+                len(eval_dataset) if eval_dataset else 0, data_args.num_hard_negatives)
+    if resume_from:
+        logger.info("Resuming from %s", resume_from)
+
+    pad_multiple = 8 if (training_args.fp16 or training_args.bf16) else None
+    trainer = EmbeddingTrainer(model=model, args=training_args, train_dataset=train_dataset,
+                               eval_dataset=eval_dataset, data_collator=TripletCollator(model.tokenizer, pad_multiple),
+                               processing_class=model.tokenizer)
+    train_result = trainer.train(resume_from_checkpoint=resume_from)
+    trainer.save_model()
+    metrics = dict(train_result.metrics)
+    trainer.log_metrics("train", metrics)
+    trainer.save_metrics("train", metrics)
+    trainer.save_state()
+    if eval_dataset is not None:
+        eval_metrics = trainer.evaluate()
+        trainer.log_metrics("eval", eval_metrics)
+        trainer.save_metrics("eval", eval_metrics)
+        metrics.update(eval_metrics)
+    if training_args.should_save:
+        print(f"\nModel saved to {os.path.abspath(training_args.output_dir)}\n"
+              f"Load it with:\n  from sentence_transformers import SentenceTransformer\n"
+              f"  model = SentenceTransformer({os.path.abspath(training_args.output_dir)!r})\n"
+              f"  model.encode_query([...]); model.encode_document([...])\n")
+    return metrics
+
+
+def main(argv: list[str] | None = None) -> dict:
+    """Parse ``[recipe.yaml] [--flags]`` and run; raises on bad input (see ``cli`` for the CLI behaviour)."""
+    return run(*parse_arguments(argv))
+
+
+def cli() -> None:
+    """Entry point: bad input ends with one clear message and exit code 2, not a traceback."""
+    try:
+        main()
+    except (DataFormatError, OutputDirError, RecipeError, FileNotFoundError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    cli()

@@ -1,0 +1,60 @@
+"""EmbeddingTrainer: a thin ``transformers.Trainer`` subclass for the ranking loss.
+
+It encodes queries and documents, calls ``finetune.losses.ranking_loss`` and saves every
+checkpoint and the final model as a complete SentenceTransformer folder.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+from transformers import Trainer
+
+from finetune.data import EpochShuffleSampler
+from finetune.losses import ranking_loss
+
+
+class EmbeddingTrainer(Trainer):
+    """Trainer whose model is a ``finetune.modeling.EmbeddingModel`` and whose batches come from TripletCollator."""
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        query_emb = model(inputs["query_input_ids"], inputs["query_attention_mask"])  # (B, D)
+        doc_emb = model(inputs["doc_input_ids"], inputs["doc_attention_mask"])  # (B*(1+k), D)
+        num_negatives = doc_emb.shape[0] // query_emb.shape[0] - 1
+        loss = ranking_loss(query_emb, doc_emb, inputs["doc_keys"], num_negatives=num_negatives,
+                            scale=self.args.scale, mode=self.args.hard_negatives_mode)
+        return (loss, {"query_emb": query_emb, "doc_emb": doc_emb}) if return_outputs else loss
+
+    def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
+        """Validation loss only (NeMo's validation metric); there are no labels or logits to return."""
+        inputs = self._prepare_inputs(inputs)
+        with torch.no_grad(), self.compute_loss_context_manager():
+            loss = self.compute_loss(model, inputs)
+        return loss.detach(), None, None
+
+    def _get_train_sampler(self, train_dataset=None):
+        dataset = train_dataset if train_dataset is not None else self.train_dataset
+        seed = self.args.data_seed if self.args.data_seed is not None else self.args.seed
+        return EpochShuffleSampler(len(dataset), seed=seed)
+
+    def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
+        """Write a SentenceTransformer folder (``state_dict``: full weights gathered by ZeRO-3/FSDP, if any)."""
+        output_dir = output_dir if output_dir is not None else self.args.output_dir
+        if not self.args.should_save:
+            return
+        os.makedirs(output_dir, exist_ok=True)
+        self.accelerator.unwrap_model(self.model).save_pretrained(output_dir, state_dict=state_dict)
+        with open(os.path.join(output_dir, "training_args.json"), "w", encoding="utf-8") as handle:
+            handle.write(self.args.to_json_string())
+
+    def _load_from_checkpoint(self, resume_from_checkpoint: str, model=None) -> None:
+        if self.is_deepspeed_enabled or self.is_fsdp_enabled:
+            return super()._load_from_checkpoint(resume_from_checkpoint, model)
+        model = model if model is not None else self.model
+        self.accelerator.unwrap_model(model).load_encoder_weights(resume_from_checkpoint)
+
+    def _load_best_model(self) -> None:
+        if self.is_deepspeed_enabled or self.is_fsdp_enabled:
+            return super()._load_best_model()
+        self.accelerator.unwrap_model(self.model).load_encoder_weights(self.state.best_model_checkpoint)

@@ -1,0 +1,96 @@
+"""Shared fixtures: a tiny BERT built offline, and small seed-format data files.
+
+Environment settings come first: thread oversubscription makes tiny models 10x slower, and
+nothing may reach the Hugging Face Hub.
+"""
+
+import os
+
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("WANDB_MODE", "offline")
+os.environ.setdefault("HF_DATASETS_DISABLE_PROGRESS_BARS", "1")
+
+import json  # noqa: E402
+import random  # noqa: E402
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+torch.set_num_threads(1)
+
+WORDS = ("alpha beta gamma delta epsilon zeta eta theta iota kappa lambda mu nu xi omicron pi rho sigma tau "
+         "upsilon phi chi psi omega river mountain forest ocean desert valley city village castle bridge "
+         "python function returns list string number file socket thread queue parser token model query "
+         "document passage answer question search index vector embedding train batch loss").split()
+
+
+def make_sentences(count: int, seed: int = 0, length: tuple[int, int] = (4, 14)) -> list[str]:
+    rng = random.Random(seed)
+    return [" ".join(rng.choice(WORDS) for _ in range(rng.randint(*length))) for _ in range(count)]
+
+
+def make_records(count: int, num_negatives: int = 3, seed: int = 0) -> list[dict]:
+    """Seed-format records with distinct random texts (a positive shares words with its question)."""
+    rng = random.Random(seed)
+    records = []
+    for index in range(count):
+        question = " ".join(rng.choice(WORDS) for _ in range(rng.randint(3, 8)))
+        positive = f"{question} {' '.join(rng.choice(WORDS) for _ in range(rng.randint(3, 10)))} doc{index}"
+        negatives = [f"{' '.join(rng.choice(WORDS) for _ in range(rng.randint(4, 12)))} neg{index}_{n}"
+                     for n in range(num_negatives)]
+        records.append({"question": question, "pos_doc": [positive], "neg_doc": negatives})
+    return records
+
+
+def write_jsonl(path, records) -> str:
+    with open(path, "w", encoding="utf-8") as handle:
+        for record in records:
+            handle.write(json.dumps(record) + "\n")
+    return str(path)
+
+
+def build_tiny_bert(directory: str, padding_side: str = "right") -> str:
+    """A 2-layer, 32-dim BERT with random weights and a WordPiece tokenizer trained on the spot."""
+    from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors, trainers
+    from transformers import BertConfig, BertModel, PreTrainedTokenizerFast
+
+    tokenizer = Tokenizer(models.WordPiece(unk_token="[UNK]"))
+    tokenizer.normalizer = normalizers.BertNormalizer(lowercase=True)
+    tokenizer.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+    special = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
+    tokenizer.train_from_iterator(make_sentences(400) + WORDS, trainers.WordPieceTrainer(vocab_size=300, special_tokens=special))
+    cls_id, sep_id = tokenizer.token_to_id("[CLS]"), tokenizer.token_to_id("[SEP]")
+    tokenizer.post_processor = processors.TemplateProcessing(
+        single="[CLS] $A [SEP]", pair="[CLS] $A [SEP] $B [SEP]", special_tokens=[("[CLS]", cls_id), ("[SEP]", sep_id)])
+    fast = PreTrainedTokenizerFast(tokenizer_object=tokenizer, pad_token="[PAD]", unk_token="[UNK]", cls_token="[CLS]",
+                                   sep_token="[SEP]", mask_token="[MASK]", padding_side=padding_side,
+                                   model_max_length=128)
+    torch.manual_seed(0)
+    config = BertConfig(vocab_size=tokenizer.get_vocab_size(), hidden_size=32, num_hidden_layers=2,
+                        num_attention_heads=2, intermediate_size=64, max_position_embeddings=128)
+    BertModel(config).save_pretrained(directory)
+    fast.save_pretrained(directory)
+    return directory
+
+
+@pytest.fixture(scope="session")
+def tiny_bert(tmp_path_factory) -> str:
+    """Path of a tiny BERT folder (HF layout, no SentenceTransformer files). Treat as read-only."""
+    return build_tiny_bert(str(tmp_path_factory.mktemp("tiny_bert")))
+
+
+@pytest.fixture(scope="session")
+def tiny_bert_left_padded(tmp_path_factory) -> str:
+    return build_tiny_bert(str(tmp_path_factory.mktemp("tiny_bert_left")), padding_side="left")
+
+
+@pytest.fixture
+def train_file(tmp_path) -> str:
+    return write_jsonl(tmp_path / "train.jsonl", make_records(24, seed=1))
+
+
+@pytest.fixture
+def validation_file(tmp_path) -> str:
+    return write_jsonl(tmp_path / "validation.jsonl", make_records(8, seed=2))
