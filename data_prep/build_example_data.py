@@ -126,6 +126,11 @@ def main(argv: list[str] | None = None) -> None:
         records = [{"question": pair["question"], "pos_doc": [pair["document"]],
                     "neg_doc": [corpus[index] for index, _ in result.kept]}
                    for pair, result in zip(split_pairs, mined)]
+        # A positive the base model scores so low that every candidate passes 0.95 x its score
+        # leaves no safe negative: such records are dropped rather than trained with false negatives.
+        kept = [record for record in records if record["neg_doc"]]
+        logger.info("%s: dropped %d records without a safe negative", split, len(records) - len(kept))
+        records = kept
         write_jsonl_gz(records, output_dir / f"{split}.jsonl.gz")
         logger.info("%s: %d records written to %s", split, len(records), output_dir / f"{split}.jsonl.gz")
 

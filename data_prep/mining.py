@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from data_prep.search import chunked_topk
+from finetune.search import chunked_topk
 from finetune.data import text_key
 
 

@@ -1,12 +1,14 @@
 """Parse arguments from an optional YAML/JSON recipe file plus command-line overrides.
 
 ``python finetune/train.py recipe.yaml --learning_rate 1e-5``: the recipe's keys become flags
-placed before the command line's, so the command line wins. Unknown keys are errors.
+placed before the command line's, so the command line wins. Unknown keys are errors. With no
+arguments at all, the default job's recipe (``recipes/example.yaml``) is used.
 """
 
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 
 import yaml
@@ -15,6 +17,7 @@ from transformers import HfArgumentParser
 from finetune.arguments import DataArguments, EmbeddingTrainingArguments, ModelArguments
 
 RECIPE_SUFFIXES = (".yaml", ".yml", ".json")
+DEFAULT_RECIPE = str(Path(__file__).resolve().parent / "recipes" / "example.yaml")
 
 
 class RecipeError(ValueError):
@@ -50,10 +53,13 @@ def build_parser() -> HfArgumentParser:
 
 
 def parse_arguments(argv: list[str] | None) -> tuple[ModelArguments, DataArguments, EmbeddingTrainingArguments]:
-    """Parse ``[recipe_file] [--flag value ...]`` into the three argument dataclasses."""
-    import sys
+    """Parse ``[recipe_file] [--flag value ...]`` into the three argument dataclasses.
 
+    No arguments at all means the default job: the recipe ``recipes/example.yaml``.
+    """
     argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv:
+        argv = [DEFAULT_RECIPE]
     if argv and argv[0].endswith(RECIPE_SUFFIXES) and not argv[0].startswith("-"):
         argv = recipe_to_flags(argv[0]) + argv[1:]
     return build_parser().parse_args_into_dataclasses(args=argv)

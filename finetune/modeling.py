@@ -109,7 +109,7 @@ class EmbeddingModel(nn.Module):
 
     def load_encoder_weights(self, folder: str) -> None:
         """Load encoder weights saved by ``save_pretrained`` (single or sharded safetensors), strictly."""
-        from transformers.modeling_utils import load_sharded_checkpoint
+        from transformers.trainer_utils import load_sharded_checkpoint
         import safetensors.torch
 
         single = os.path.join(folder, "model.safetensors")

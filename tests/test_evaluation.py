@@ -1,0 +1,89 @@
+"""Retrieval metrics equal ir_measures (pytrec_eval underneath) on random and hand-made runs."""
+
+import random
+
+import ir_measures
+import pytest
+import torch
+from ir_measures import AP, R, RR, nDCG
+
+from finetune.evaluation import compute_metrics, retrieval_set_from_records, search
+
+REFERENCE = {"ndcg@10": nDCG @ 10, "mrr@10": RR @ 10, "recall@1": R @ 1, "recall@10": R @ 10,
+             "recall@100": R @ 100, "map@100": AP @ 100}
+
+
+def reference_metrics(run, qrels, with_ties):
+    """pytrec_eval (trec_eval's tie order) for all; MRR@10 from the MS MARCO provider, since
+    pytrec_eval ignores RR's cutoff. The MS MARCO provider orders ties differently, so it is
+    only consulted on runs without ties."""
+    providers = ir_measures.providers.registry
+    values = providers["pytrec_eval"].calc_aggregate(list(REFERENCE.values()), qrels, run)
+    reference = {name: values[measure] for name, measure in REFERENCE.items() if name != "mrr@10"}
+    if not with_ties:
+        reference["mrr@10"] = providers["msmarco"].calc_aggregate([RR @ 10], qrels, run)[RR @ 10]
+    return reference
+
+
+def assert_same(run, qrels, with_ties=True):
+    ours, theirs = compute_metrics(run, qrels), reference_metrics(run, qrels, with_ties)
+    for name in theirs:
+        assert ours[name] == pytest.approx(theirs[name], abs=1e-6), name
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_random_runs(seed):
+    rng = random.Random(seed)
+    docs = [f"d{i}" for i in range(150)]
+    qrels = {f"q{q}": {d: rng.choice([1, 1, 2, 3]) for d in rng.sample(docs, rng.randint(1, 6))} for q in range(30)}
+    run = {qid: {d: rng.random() for d in rng.sample(docs, 120)} for qid in qrels}
+    assert_same(run, qrels, with_ties=False)
+    tied = {qid: {d: round(score, 2) for d, score in scores.items()} for qid, scores in run.items()}
+    assert_same(tied, qrels, with_ties=True)
+
+
+def test_hand_made_edge_cases():
+    qrels = {
+        "tied": {"a": 1},  # relevant doc tied with others: trec_eval breaks ties by doc id, descending
+        "several": {"x": 1, "y": 2, "z": 1},
+        "none": {"a": 0},  # judged but nothing relevant: counts as 0 in both
+        "missing_from_run": {"b": 1},
+    }
+    run = {
+        "tied": {"a": 0.5, "b": 0.5, "c": 0.5, "d": 0.1},
+        "several": {"y": 0.9, "q": 0.8, "x": 0.7, "r": 0.6},
+        "none": {"a": 1.0},
+    }
+    assert_same(run, qrels)
+    ours = compute_metrics(run, qrels)
+    # "tied": order c, b, a -> RR 1/3; "several": y@1; "none" and "missing": 0.
+    assert ours["mrr@10"] == pytest.approx((1 / 3 + 1 + 0 + 0) / 4)
+
+
+def test_perfect_and_empty():
+    qrels = {"q": {"a": 1, "b": 1}}
+    assert compute_metrics({"q": {"a": 2.0, "b": 1.0, "c": 0.0}}, qrels) == pytest.approx(
+        {"ndcg@10": 1.0, "mrr@10": 1.0, "recall@1": 0.5, "recall@10": 1.0, "recall@100": 1.0, "map@100": 1.0})
+    assert compute_metrics({}, qrels)["ndcg@10"] == 0.0
+
+
+def test_retrieval_set_from_records_dedupes_and_merges():
+    records = [{"question": "q1", "pos_doc": ["A"], "neg_doc": ["B", "C"]},
+               {"question": "q2", "pos_doc": ["B"], "neg_doc": ["A"]},
+               {"question": "q1", "pos_doc": ["C"], "neg_doc": []}]
+    dataset = retrieval_set_from_records(records)
+    assert sorted(dataset.corpus.values()) == ["A", "B", "C"] and sorted(dataset.queries.values()) == ["q1", "q2"]
+    ids = {text: did for did, text in dataset.corpus.items()}
+    qids = {text: qid for qid, text in dataset.queries.items()}
+    assert dataset.qrels[qids["q1"]] == {ids["A"]: 1, ids["C"]: 1}
+    assert dataset.qrels[qids["q2"]] == {ids["B"]: 1}
+
+
+def test_search_matches_full_matrix():
+    torch.manual_seed(0)
+    queries, corpus = torch.randn(7, 8), torch.randn(50, 8)
+    run = search(queries, corpus, [f"q{i}" for i in range(7)], [f"d{i}" for i in range(50)], top_k=5)
+    full = queries @ corpus.T
+    for i in range(7):
+        expected = full[i].topk(5).indices.tolist()
+        assert [int(d[1:]) for d in sorted(run[f"q{i}"], key=run[f"q{i}"].get, reverse=True)] == expected
