@@ -126,6 +126,8 @@ class EmbeddingTrainingArguments(TrainingArguments):
         self.remove_unused_columns = False
         self.label_names = []
         super().__post_init__()
+        if self.device.type == "cpu":
+            self.dataloader_pin_memory = False  # pinning is for host-to-GPU copies; on CPU it only warns
 
     @property
     def scale(self) -> float:

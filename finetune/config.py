@@ -20,8 +20,8 @@ RECIPE_SUFFIXES = (".yaml", ".yml", ".json")
 DEFAULT_RECIPE = str(Path(__file__).resolve().parent / "recipes" / "example.yaml")
 
 
-class RecipeError(ValueError):
-    """A recipe file that cannot be used."""
+class ConfigError(ValueError):
+    """Options that cannot be used: an unreadable recipe, an unknown option, an invalid value."""
 
 
 def recipe_to_flags(path: str) -> list[str]:
@@ -29,11 +29,11 @@ def recipe_to_flags(path: str) -> list[str]:
     try:
         content = yaml.safe_load(Path(path).read_text(encoding="utf-8"))
     except (OSError, yaml.YAMLError) as error:
-        raise RecipeError(f"Cannot read recipe {path}: {error}") from None
+        raise ConfigError(f"Cannot read recipe {path}: {error}") from None
     if content is None:
         return []
     if not isinstance(content, dict):
-        raise RecipeError(f"Recipe {path} must be a mapping of option names to values, got {type(content).__name__}.")
+        raise ConfigError(f"Recipe {path} must be a mapping of option names to values, got {type(content).__name__}.")
     flags: list[str] = []
     for key, value in content.items():
         if value is None:
@@ -49,7 +49,8 @@ def recipe_to_flags(path: str) -> list[str]:
 
 
 def build_parser() -> HfArgumentParser:
-    return HfArgumentParser((ModelArguments, DataArguments, EmbeddingTrainingArguments))
+    # No abbreviations: a misspelt recipe key must be an error, not silently another option.
+    return HfArgumentParser((ModelArguments, DataArguments, EmbeddingTrainingArguments), allow_abbrev=False)
 
 
 def parse_arguments(argv: list[str] | None) -> tuple[ModelArguments, DataArguments, EmbeddingTrainingArguments]:
@@ -62,4 +63,10 @@ def parse_arguments(argv: list[str] | None) -> tuple[ModelArguments, DataArgumen
         argv = [DEFAULT_RECIPE]
     if argv and argv[0].endswith(RECIPE_SUFFIXES) and not argv[0].startswith("-"):
         argv = recipe_to_flags(argv[0]) + argv[1:]
-    return build_parser().parse_args_into_dataclasses(args=argv)
+    try:
+        *parsed, unknown = build_parser().parse_args_into_dataclasses(args=argv, return_remaining_strings=True)
+    except ValueError as error:  # raised by the dataclasses' __post_init__ checks
+        raise ConfigError(str(error)) from None
+    if unknown:
+        raise ConfigError(f"Unknown option(s) {unknown}; `python finetune/train.py --help` lists them all.")
+    return tuple(parsed)

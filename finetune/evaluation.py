@@ -8,7 +8,9 @@ one missing from the run, or without any relevant document, scores 0.
 
 from __future__ import annotations
 
+import json
 import math
+import os
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
@@ -105,3 +107,41 @@ def evaluate_retrieval(encode_queries: Callable[[list[str]], torch.Tensor],
     query_emb = encode_queries([dataset.queries[qid] for qid in query_ids])
     corpus_emb = encode_documents([dataset.corpus[did] for did in doc_ids])
     return compute_metrics(search(query_emb, corpus_emb, query_ids, doc_ids, top_k), dataset.qrels)
+
+
+def _read_jsonl(path: str) -> list[dict]:
+    with open(path, encoding="utf-8") as handle:
+        return [json.loads(line) for line in handle if line.strip()]
+
+
+def load_beir_folder(folder: str, split: str = "test") -> RetrievalSet:
+    """A BEIR folder: corpus.jsonl (_id, title, text), queries.jsonl (_id, text), qrels/<split>.tsv.
+
+    Documents are "title text" when a title is present; only queries with qrels are kept.
+    """
+    qrels_path = os.path.join(folder, "qrels", f"{split}.tsv")
+    if not os.path.isfile(qrels_path):
+        raise FileNotFoundError(f"BEIR folder {folder!r} has no qrels/{split}.tsv (choose another --split).")
+    qrels: Qrels = {}
+    with open(qrels_path, encoding="utf-8") as handle:
+        for line_number, line in enumerate(handle, start=1):
+            parts = line.rstrip("\n").split("\t")
+            if line_number == 1 and not parts[-1].lstrip("-").isdigit():
+                continue  # header: query-id corpus-id score
+            if len(parts) < 3:
+                raise ValueError(f"{qrels_path}, line {line_number}: expected 'query-id<TAB>corpus-id<TAB>score'.")
+            qrels.setdefault(parts[0], {})[parts[1]] = int(parts[2])
+    corpus = {str(doc["_id"]): f"{doc.get('title', '')} {doc['text']}".strip()
+              for doc in _read_jsonl(os.path.join(folder, "corpus.jsonl"))}
+    queries = {str(query["_id"]): query["text"] for query in _read_jsonl(os.path.join(folder, "queries.jsonl"))
+               if str(query["_id"]) in qrels}
+    return RetrievalSet(queries, corpus, {qid: rels for qid, rels in qrels.items() if qid in queries})
+
+
+def load_retrieval_set(paths: list[str], split: str = "test") -> RetrievalSet:
+    """A BEIR folder (one path that is a directory) or seed-format files/globs."""
+    from finetune.schema import read_records
+
+    if len(paths) == 1 and os.path.isdir(paths[0]):
+        return load_beir_folder(paths[0], split)
+    return retrieval_set_from_records(read_records(paths))

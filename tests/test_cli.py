@@ -1,0 +1,88 @@
+"""Command-line behaviour: recipes and overrides, clean errors, every option documented in the README."""
+
+import dataclasses
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from transformers import TrainingArguments
+
+from finetune.arguments import DataArguments, EmbeddingTrainingArguments, ModelArguments
+from finetune.config import DEFAULT_RECIPE, ConfigError, parse_arguments
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def test_recipe_then_command_line_overrides(tmp_path):
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text("learning_rate: 1.0e-4\nnum_hard_negatives: 3\ntrain_file: [a.jsonl, b.jsonl]\n"
+                      "query_prefix: 'query: '\nbf16: false\n")
+    model_args, data_args, training_args = parse_arguments([str(recipe), "--learning_rate", "3e-5", "--use_cpu", "true"])
+    assert training_args.learning_rate == 3e-5 and data_args.num_hard_negatives == 3
+    assert data_args.train_file == ["a.jsonl", "b.jsonl"] and data_args.validation_file is None
+    assert data_args.query_prefix == "query: "
+
+
+def test_json_recipe(tmp_path):
+    recipe = tmp_path / "recipe.json"
+    recipe.write_text(json.dumps({"temperature": 0.02, "hard_negatives_mode": "exclusive"}))
+    _, _, training_args = parse_arguments([str(recipe), "--use_cpu", "true"])
+    assert training_args.scale == pytest.approx(50.0) and training_args.hard_negatives_mode == "exclusive"
+
+
+def test_no_arguments_runs_the_example_recipe(monkeypatch):
+    monkeypatch.setattr(sys, "argv", ["train.py"])
+    model_args, data_args, training_args = parse_arguments(None)
+    assert training_args.max_steps == 40 and training_args.output_dir == "outputs/example-run"
+    assert data_args.train_file[0].endswith("example_data/train.jsonl.gz")
+    assert data_args.validation_file[0].endswith("example_data/validation.jsonl.gz")
+    assert Path(data_args.train_file[0]).is_file() and Path(data_args.validation_file[0]).is_file()
+    assert Path(model_args.model_name_or_path, "modules.json").is_file()  # the packaged MiniLM
+
+
+def test_unknown_recipe_key_is_an_error(tmp_path):
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text("learning_rat: 1.0e-4\n")
+    with pytest.raises(ConfigError, match="Unknown option.*learning_rat"):
+        parse_arguments([str(recipe)])
+    recipe.write_text("- not a mapping\n")
+    with pytest.raises(ConfigError, match="must be a mapping"):
+        parse_arguments([str(recipe)])
+
+
+@pytest.mark.parametrize("flag, value, message", [
+    ("--hard_negatives_mode", "global", "must be one of"),
+    ("--temperature", "0", "must be > 0"),
+    ("--num_hard_negatives", "-1", "must be >= 0"),
+    ("--pooling", "max", "must be one of"),
+])
+def test_contradictory_or_invalid_values(flag, value, message):
+    with pytest.raises(ValueError, match=message):
+        parse_arguments([flag, value, "--use_cpu", "true"])
+
+
+def test_every_option_is_documented_in_readme():
+    readme = (ROOT / "README.md").read_text()
+    base = {field.name: field for field in dataclasses.fields(TrainingArguments)}
+    ours = [field.name for cls in (ModelArguments, DataArguments) for field in dataclasses.fields(cls)]
+    ours += [field.name for field in dataclasses.fields(EmbeddingTrainingArguments)
+             if field.name not in base or base[field.name].default != field.default]
+    missing = [name for name in ours if f"`--{name}`" not in readme]
+    assert not missing, f"options without a README line: {missing}"
+    for cls in (ModelArguments, DataArguments, EmbeddingTrainingArguments):
+        for field in dataclasses.fields(cls):
+            if field.name in ours:
+                assert field.metadata.get("help"), f"--{field.name} has no help string"
+
+
+def test_bad_data_from_the_command_line_is_one_clear_message(tmp_path):
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"question": "q", "pos_doc": ["p"]}\n{"question": 1, "pos_doc": ["p"]}\n')
+    result = subprocess.run([sys.executable, str(ROOT / "finetune" / "train.py"), "--train_file", str(bad),
+                             "--output_dir", str(tmp_path / "out")], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 2
+    assert f"{bad}, line 2, field 'question': expected a string, got int 1" in result.stderr
+    assert "Traceback" not in result.stderr
+    assert not (tmp_path / "out").exists()
