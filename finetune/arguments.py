@@ -60,6 +60,15 @@ class DataArguments:
         default=None,
         metadata={"help": "Validation data in the same format (files or globs). Default: the bundled example's "
                           "validation set when --train_file is not given, else none."})
+    eval_retrieval_data: list[str] | None = field(
+        default=None,
+        metadata={"help": "Data for retrieval metrics at each evaluation: seed-format files/globs or one BEIR folder "
+                          "(corpus.jsonl, queries.jsonl, qrels/test.tsv). Default: the --validation_file records "
+                          "(queries = question, corpus = all their pos_doc and neg_doc texts)."})
+    eval_corpus_file: list[str] | None = field(
+        default=None,
+        metadata={"help": "Extra documents added to the evaluation corpus as distractors: JSON Lines with 'text' "
+                          "(and optional 'title'), or plain text, one document per line."})
     num_hard_negatives: int = field(
         default=1,
         metadata={"help": "Hard negatives per query per step, sampled from neg_doc (without replacement when a record "
@@ -78,6 +87,10 @@ class DataArguments:
             self.train_file = [EXAMPLE_TRAIN_FILE]
             if self.validation_file is None:
                 self.validation_file = [EXAMPLE_VALIDATION_FILE]
+        if self.eval_retrieval_data and not self.validation_file:
+            raise ValueError("--eval_retrieval_data needs a --validation_file too (it gives the validation loss).")
+        if self.eval_corpus_file and not (self.eval_retrieval_data or self.validation_file):
+            raise ValueError("--eval_corpus_file needs evaluation data (--validation_file or --eval_retrieval_data).")
         if self.num_hard_negatives < 0:
             raise ValueError(f"--num_hard_negatives must be >= 0, got {self.num_hard_negatives}.")
         for name in ("query_max_length", "passage_max_length"):
@@ -114,6 +127,14 @@ class EmbeddingTrainingArguments(TrainingArguments):
     logging_steps: float = field(default=10, metadata={"help": "Log the loss every N steps."})
     save_steps: float = field(default=500, metadata={"help": "Save a checkpoint every N steps (and at the end)."})
     save_total_limit: int | None = field(default=3, metadata={"help": "Keep at most this many checkpoints."})
+    metric_for_best_model: str | None = field(
+        default="ndcg@10",
+        metadata={"help": "Evaluation metric that picks the best checkpoint (with --load_best_model_at_end): ndcg@10, "
+                          "mrr@10, recall@1/10/100, map@100, ingroup_accuracy, ingroup_mrr or loss."})
+    eval_on_start: bool = field(
+        default=False,
+        metadata={"help": "Evaluate the base model before the first step. Switched on automatically when there is "
+                          "validation data, unless given explicitly."})
     ddp_find_unused_parameters: bool | None = field(
         default=False, metadata={"help": "DDP's unused-parameter search; off because every trainable weight is used (the pooler head is frozen)."})
 

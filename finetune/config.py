@@ -63,6 +63,14 @@ def parse_arguments(argv: list[str] | None) -> tuple[ModelArguments, DataArgumen
         argv = [DEFAULT_RECIPE]
     if argv and argv[0].endswith(RECIPE_SUFFIXES) and not argv[0].startswith("-"):
         argv = recipe_to_flags(argv[0]) + argv[1:]
+    parsed = _parse(argv)
+    if parsed[1].validation_file and "--eval_on_start" not in argv:
+        # With validation data, evaluate the base model first so the gain is visible (flags may override).
+        parsed = _parse(["--eval_on_start", "true"] + argv)
+    return parsed
+
+
+def _parse(argv: list[str]) -> tuple[ModelArguments, DataArguments, EmbeddingTrainingArguments]:
     try:
         *parsed, unknown = build_parser().parse_args_into_dataclasses(args=argv, return_remaining_strings=True)
     except ValueError as error:  # raised by the dataclasses' __post_init__ checks

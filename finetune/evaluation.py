@@ -1,33 +1,45 @@
 """Retrieval evaluation: build a query/corpus/qrels set, rank the corpus exactly, compute IR metrics.
 
-Metrics follow trec_eval's definitions (ties broken by document id, descending, as trec_eval
-does), so they equal ir_measures / pytrec_eval on the same run:
-nDCG@10, MRR@10, Recall@1/10/100, MAP@100. Every query of the qrels counts, as in pytrec_eval:
-one missing from the run, or without any relevant document, scores 0.
+The metric maths lives once, in the `evaluate` module ``finetune/metrics/retrieval``; here runs
+are ranked with trec_eval's tie order (score, then document id, descending), so the numbers
+equal ir_measures / pytrec_eval on the same run: nDCG@10, MRR@10, Recall@1/10/100, MAP@100.
+Every query of the qrels counts, as in pytrec_eval: one missing from the run, or without any
+relevant document, scores 0.
 """
 
 from __future__ import annotations
 
 import json
-import math
+
 import os
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
+from finetune.metrics.retrieval.retrieval import METRIC_NAMES, mean_metrics, query_metrics
 from finetune.search import chunked_topk
 
-METRIC_NAMES = ("ndcg@10", "mrr@10", "recall@1", "recall@10", "recall@100", "map@100")
 Run = dict[str, dict[str, float]]  # query id -> {doc id: score}
 Qrels = dict[str, dict[str, int]]  # query id -> {doc id: relevance}
 
 
 @dataclass
 class RetrievalSet:
+    """Queries, corpus and relevance judgements; ``groups`` (query id, its negatives' doc ids) feed the in-group metric."""
+
     queries: dict[str, str]  # query id -> text
     corpus: dict[str, str]  # doc id -> text
     qrels: Qrels
+    groups: list[tuple[str, list[str]]] = field(default_factory=list)
+
+    def add_corpus_texts(self, texts: Iterable[str]) -> None:
+        """Extra documents (distractors); texts already in the corpus are not added twice."""
+        known = set(self.corpus.values())
+        for text in texts:
+            if text not in known:
+                known.add(text)
+                self.corpus[f"x{len(self.corpus)}"] = text
 
 
 def retrieval_set_from_records(records: Iterable[dict]) -> RetrievalSet:
@@ -39,6 +51,7 @@ def retrieval_set_from_records(records: Iterable[dict]) -> RetrievalSet:
     corpus_ids: dict[str, str] = {}
     qrels: Qrels = {}
     question_ids: dict[str, str] = {}
+    groups: list[tuple[str, list[str]]] = []
 
     def doc_id(text: str) -> str:
         return corpus_ids.setdefault(text, f"d{len(corpus_ids)}")
@@ -48,9 +61,10 @@ def retrieval_set_from_records(records: Iterable[dict]) -> RetrievalSet:
         queries[qid] = record["question"]
         for text in record["pos_doc"]:
             qrels.setdefault(qid, {})[doc_id(text)] = 1
-        for text in record.get("neg_doc", []):
-            doc_id(text)
-    return RetrievalSet(queries, {did: text for text, did in corpus_ids.items()}, qrels)
+        negatives = [doc_id(text) for text in record.get("neg_doc", [])]
+        if negatives:
+            groups.append((qid, negatives))
+    return RetrievalSet(queries, {did: text for text, did in corpus_ids.items()}, qrels, groups)
 
 
 def rank(run_scores: dict[str, float]) -> list[str]:
@@ -58,37 +72,9 @@ def rank(run_scores: dict[str, float]) -> list[str]:
     return [doc for doc, _ in sorted(run_scores.items(), key=lambda item: (item[1], item[0]), reverse=True)]
 
 
-def query_metrics(ranking: list[str], relevant: dict[str, int]) -> dict[str, float]:
-    """All METRIC_NAMES for one query. ``relevant``: doc id -> relevance (> 0 counts as relevant)."""
-    judged = {doc: rel for doc, rel in relevant.items() if rel > 0}
-    if not judged:
-        return {name: 0.0 for name in METRIC_NAMES}
-    gains = [judged.get(doc, 0) for doc in ranking]
-    dcg = sum(gain / math.log2(position + 2) for position, gain in enumerate(gains[:10]))
-    ideal = sorted(judged.values(), reverse=True)[:10]
-    idcg = sum(gain / math.log2(position + 2) for position, gain in enumerate(ideal))
-    first_hit = next((position for position, gain in enumerate(gains[:10]) if gain > 0), None)
-    hits, precision_sum = 0, 0.0
-    for position, gain in enumerate(gains[:100]):
-        if gain > 0:
-            hits += 1
-            precision_sum += hits / (position + 1)
-    return {
-        "ndcg@10": dcg / idcg if idcg else 0.0,
-        "mrr@10": 1.0 / (first_hit + 1) if first_hit is not None else 0.0,
-        "recall@1": sum(1 for g in gains[:1] if g > 0) / len(judged),
-        "recall@10": sum(1 for g in gains[:10] if g > 0) / len(judged),
-        "recall@100": sum(1 for g in gains[:100] if g > 0) / len(judged),
-        "map@100": precision_sum / len(judged),
-    }
-
-
 def compute_metrics(run: Run, qrels: Qrels) -> dict[str, float]:
     """Mean of every metric over all queries of ``qrels`` (one missing from ``run`` retrieved nothing)."""
-    per_query = [query_metrics(rank(run.get(qid, {})), relevant) for qid, relevant in sorted(qrels.items())]
-    if not per_query:
-        return {name: 0.0 for name in METRIC_NAMES}
-    return {name: sum(metrics[name] for metrics in per_query) / len(per_query) for name in METRIC_NAMES}
+    return mean_metrics([query_metrics(rank(run.get(qid, {})), relevant) for qid, relevant in sorted(qrels.items())])
 
 
 def search(query_emb: torch.Tensor, corpus_emb: torch.Tensor, query_ids: list[str], doc_ids: list[str],
@@ -99,14 +85,40 @@ def search(query_emb: torch.Tensor, corpus_emb: torch.Tensor, query_ids: list[st
             for qid, row_scores, row_indices in zip(query_ids, scores, indices)}
 
 
+def in_group_metrics(query_emb: torch.Tensor, corpus_emb: torch.Tensor, query_index: dict[str, int],
+                     doc_index: dict[str, int], dataset: RetrievalSet) -> dict[str, float]:
+    """The rank of each query's best positive among its own negatives (cheap, no corpus search).
+
+    ingroup_accuracy: share of groups whose best positive beats every negative; ingroup_mrr: mean of
+    1 / (1 + number of negatives scoring above the best positive).
+    """
+    if not dataset.groups:
+        return {}
+    reciprocal_ranks = []
+    for qid, negatives in dataset.groups:
+        query = query_emb[query_index[qid]]
+        positive_rows = [doc_index[d] for d, rel in dataset.qrels[qid].items() if rel > 0]
+        best_positive = (corpus_emb[positive_rows] @ query).max()
+        above = int(((corpus_emb[[doc_index[d] for d in negatives]] @ query) > best_positive).sum())
+        reciprocal_ranks.append(1.0 / (1 + above))
+    return {"ingroup_accuracy": sum(r == 1.0 for r in reciprocal_ranks) / len(reciprocal_ranks),
+            "ingroup_mrr": sum(reciprocal_ranks) / len(reciprocal_ranks)}
+
+
 def evaluate_retrieval(encode_queries: Callable[[list[str]], torch.Tensor],
                        encode_documents: Callable[[list[str]], torch.Tensor],
                        dataset: RetrievalSet, top_k: int = 100) -> dict[str, float]:
-    """Encode queries and corpus with the given functions ((N, D) tensors), search, and score."""
+    """Encode queries and corpus with the given functions ((N, D) tensors), search exactly, and score.
+
+    Returns METRIC_NAMES plus, when the set has groups, the in-group metrics.
+    """
     query_ids, doc_ids = list(dataset.queries), list(dataset.corpus)
-    query_emb = encode_queries([dataset.queries[qid] for qid in query_ids])
-    corpus_emb = encode_documents([dataset.corpus[did] for did in doc_ids])
-    return compute_metrics(search(query_emb, corpus_emb, query_ids, doc_ids, top_k), dataset.qrels)
+    query_emb = encode_queries([dataset.queries[qid] for qid in query_ids]).float()
+    corpus_emb = encode_documents([dataset.corpus[did] for did in doc_ids]).float()
+    metrics = compute_metrics(search(query_emb, corpus_emb, query_ids, doc_ids, top_k), dataset.qrels)
+    metrics.update(in_group_metrics(query_emb, corpus_emb, {q: i for i, q in enumerate(query_ids)},
+                                    {d: i for i, d in enumerate(doc_ids)}, dataset))
+    return metrics
 
 
 def _read_jsonl(path: str) -> list[dict]:
@@ -138,10 +150,29 @@ def load_beir_folder(folder: str, split: str = "test") -> RetrievalSet:
     return RetrievalSet(queries, corpus, {qid: rels for qid, rels in qrels.items() if qid in queries})
 
 
-def load_retrieval_set(paths: list[str], split: str = "test") -> RetrievalSet:
-    """A BEIR folder (one path that is a directory) or seed-format files/globs."""
+def read_corpus_file(path: str) -> list[str]:
+    """Extra corpus texts: JSON Lines with a "text" (and optional "title") field, or plain text, one per line."""
+    texts = []
+    with open(path, encoding="utf-8") as handle:
+        for line in handle:
+            line = line.strip()
+            if not line:
+                continue
+            if line.startswith("{"):
+                record = json.loads(line)
+                line = f"{record.get('title', '')} {record['text']}".strip()
+            texts.append(line)
+    return texts
+
+
+def load_retrieval_set(paths: list[str], split: str = "test", extra_corpus: list[str] | None = None) -> RetrievalSet:
+    """A BEIR folder (one path that is a directory) or seed-format files/globs, plus extra corpus files."""
     from finetune.schema import read_records
 
     if len(paths) == 1 and os.path.isdir(paths[0]):
-        return load_beir_folder(paths[0], split)
-    return retrieval_set_from_records(read_records(paths))
+        dataset = load_beir_folder(paths[0], split)
+    else:
+        dataset = retrieval_set_from_records(read_records(paths))
+    for path in extra_corpus or []:
+        dataset.add_corpus_texts(read_corpus_file(path))
+    return dataset

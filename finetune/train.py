@@ -28,6 +28,7 @@ from finetune.arguments import DataArguments, EmbeddingTrainingArguments, ModelA
 from finetune.config import ConfigError, parse_arguments  # noqa: E402
 from finetune.data import (TripletCollator, TripletDataset, check_enough_negatives, load_raw_dataset,  # noqa: E402
                            tokenize_dataset)
+from finetune.evaluation import load_retrieval_set  # noqa: E402
 from finetune.modeling import EmbeddingModel  # noqa: E402
 from finetune.schema import DataFormatError  # noqa: E402
 from finetune.trainer import EmbeddingTrainer  # noqa: E402
@@ -113,12 +114,19 @@ def run(model_args: ModelArguments, data_args: DataArguments, training_args: Emb
     with training_args.main_process_first(desc="data validation"):
         for files in filter(None, (data_args.train_file, data_args.validation_file)):
             load_raw_dataset(files)
+    retrieval_set = None
+    if data_args.validation_file:
+        retrieval_set = load_retrieval_set(data_args.eval_retrieval_data or data_args.validation_file,
+                                           extra_corpus=data_args.eval_corpus_file)
+        logger.info("Retrieval evaluation: %d queries over %d documents.", len(retrieval_set.queries),
+                    len(retrieval_set.corpus))
     model = EmbeddingModel.from_pretrained(
         model_args.model_name_or_path, pooling=model_args.pooling, normalize=model_args.normalize,
         trust_remote_code=model_args.trust_remote_code, query_prefix=data_args.query_prefix,
         passage_prefix=data_args.passage_prefix,
         max_seq_length=max(data_args.query_max_length, data_args.passage_max_length))
     train_dataset, eval_dataset = build_datasets(data_args, training_args, model.tokenizer)
+
     logger.info("Model %s (pooling=%s, normalize=%s); %d training and %d validation queries; %d hard negatives each.",
                 model_args.model_name_or_path, model.pooling, model.normalize, len(train_dataset),
                 len(eval_dataset) if eval_dataset else 0, data_args.num_hard_negatives)
@@ -128,18 +136,20 @@ def run(model_args: ModelArguments, data_args: DataArguments, training_args: Emb
     pad_multiple = 8 if (training_args.fp16 or training_args.bf16) else None
     trainer = EmbeddingTrainer(model=model, args=training_args, train_dataset=train_dataset,
                                eval_dataset=eval_dataset, data_collator=TripletCollator(model.tokenizer, pad_multiple),
-                               processing_class=model.tokenizer)
+                               processing_class=model.tokenizer, retrieval_set=retrieval_set,
+                               query_max_length=data_args.query_max_length,
+                               passage_max_length=data_args.passage_max_length)
     train_result = trainer.train(resume_from_checkpoint=resume_from)
     trainer.save_model()
     metrics = dict(train_result.metrics)
     trainer.log_metrics("train", metrics)
     trainer.save_metrics("train", metrics)
-    trainer.save_state()
     if eval_dataset is not None:
         eval_metrics = trainer.evaluate()
         trainer.log_metrics("eval", eval_metrics)
         trainer.save_metrics("eval", eval_metrics)
         metrics.update(eval_metrics)
+    trainer.save_state()
     if training_args.should_save:
         print(f"\nModel saved to {os.path.abspath(training_args.output_dir)}\n"
               f"Load it with:\n  from sentence_transformers import SentenceTransformer\n"

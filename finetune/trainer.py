@@ -12,11 +12,24 @@ import torch
 from transformers import Trainer
 
 from finetune.data import EpochShuffleSampler
+from finetune.distributed import encode_sharded
+from finetune.evaluation import RetrievalSet, evaluate_retrieval
 from finetune.losses import ranking_loss
 
 
 class EmbeddingTrainer(Trainer):
-    """Trainer whose model is a ``finetune.modeling.EmbeddingModel`` and whose batches come from TripletCollator."""
+    """Trainer whose model is a ``finetune.modeling.EmbeddingModel`` and whose batches come from TripletCollator.
+
+    ``retrieval_set``: when given, every evaluation also ranks its corpus and reports retrieval
+    metrics (``eval_ndcg@10``...) next to the validation loss.
+    """
+
+    def __init__(self, *args, retrieval_set: RetrievalSet | None = None, query_max_length: int | None = None,
+                 passage_max_length: int | None = None, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.retrieval_set = retrieval_set
+        self.query_max_length = query_max_length
+        self.passage_max_length = passage_max_length
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         query_emb = model(inputs["query_input_ids"], inputs["query_attention_mask"])  # (B, D)
@@ -32,6 +45,28 @@ class EmbeddingTrainer(Trainer):
         with torch.no_grad(), self.compute_loss_context_manager():
             loss = self.compute_loss(model, inputs)
         return loss.detach(), None, None
+
+    def evaluation_loop(self, dataloader, description, prediction_loss_only=None, ignore_keys=None,
+                        metric_key_prefix="eval"):
+        output = super().evaluation_loop(dataloader, description, prediction_loss_only, ignore_keys, metric_key_prefix)
+        if self.retrieval_set is not None:
+            metrics = self.retrieval_metrics()
+            output.metrics.update({f"{metric_key_prefix}_{name}": value for name, value in metrics.items()})
+        return output
+
+    def retrieval_metrics(self) -> dict[str, float]:
+        """Encode the retrieval set (sharded over processes, prefixes and lengths as in training) and score it."""
+        model = self.accelerator.unwrap_model(self.model)
+        batch_size = self.args.per_device_eval_batch_size
+
+        def encoder(prefix: str, max_length: int | None):
+            def encode(texts: list[str]) -> torch.Tensor:
+                with self.compute_loss_context_manager():
+                    return model.encode(texts, prefix=prefix, max_length=max_length, batch_size=batch_size)
+            return lambda texts: encode_sharded(encode, texts, self.args.device)
+
+        return evaluate_retrieval(encoder(model.query_prefix, self.query_max_length),
+                                  encoder(model.passage_prefix, self.passage_max_length), self.retrieval_set)
 
     def _get_train_sampler(self, train_dataset=None):
         dataset = train_dataset if train_dataset is not None else self.train_dataset

@@ -72,3 +72,24 @@ def test_bad_data_stops_before_the_model_loads(tiny_bert, tmp_path, monkeypatch)
     from finetune.schema import DataFormatError
     with pytest.raises(DataFormatError, match="line 1, field 'pos_doc'"):
         train.main(run_args(tiny_bert, str(bad), tmp_path / "out", "--max_steps", "1"))
+
+
+def test_evaluation_during_training_logs_retrieval_metrics_and_keeps_the_best(tiny_bert, train_file, validation_file,
+                                                                           tmp_path):
+    output_dir = tmp_path / "out"
+    metrics = train.main(run_args(tiny_bert, train_file, output_dir, "--max_steps", "4", "--validation_file",
+                                  validation_file, "--eval_strategy", "steps", "--eval_steps", "2",
+                                  "--load_best_model_at_end", "true", "--save_total_limit", "5"))
+    state = json.loads((output_dir / "trainer_state.json").read_text())
+    evals = [entry for entry in state["log_history"] if "eval_ndcg@10" in entry]
+    assert [entry["step"] for entry in evals] == [0, 2, 4, 4]  # base model, two evaluations, the final one
+    for entry in evals:
+        assert {"eval_loss", "eval_mrr@10", "eval_recall@100", "eval_map@100", "eval_ingroup_mrr"} <= entry.keys()
+        assert 0.0 <= entry["eval_ndcg@10"] <= 1.0
+    best_step = max((2, 4), key=lambda step: next(e["eval_ndcg@10"] for e in evals if e["step"] == step))
+    assert state["best_model_checkpoint"].endswith(f"checkpoint-{best_step}")
+    # The saved model is the best checkpoint's, and the final evaluation scores it.
+    best = load_file(str(output_dir / f"checkpoint-{best_step}" / "model.safetensors"))
+    final = load_file(str(output_dir / "model.safetensors"))
+    assert all(torch.equal(best[key], final[key]) for key in best)
+    assert metrics["eval_ndcg@10"] == pytest.approx(state["best_metric"])
