@@ -130,3 +130,30 @@ def test_standalone_command_on_seed_file_and_beir_folder(tiny_bert, tmp_path, ca
                  qids, dids)
     assert reference_metrics(run, dataset.qrels, with_ties=True)["ndcg@10"] == pytest.approx(
         from_seed[str(model_a)]["ndcg@10"], abs=1e-5)
+
+
+def test_evaluate_module_loaded_from_its_folder_gives_the_same_numbers():
+    from finetune.evaluation import rank
+    from finetune.metrics import load_retrieval_metric
+
+    rng = random.Random(3)
+    docs = [f"d{i}" for i in range(80)]
+    qrels = {f"q{q}": {d: 1 for d in rng.sample(docs, rng.randint(1, 4))} for q in range(20)}
+    run = {qid: {d: rng.random() for d in rng.sample(docs, 60)} for qid in qrels}
+    metric = load_retrieval_metric()
+    qids = sorted(qrels)
+    values = metric.compute(predictions=[rank(run[q]) for q in qids], references=[list(qrels[q]) for q in qids])
+    assert values == pytest.approx(compute_metrics(run, qrels), abs=1e-12)
+    assert values == pytest.approx(reference_metrics(run, qrels, with_ties=False), abs=1e-6)
+
+
+def test_in_group_metrics_by_hand():
+    from finetune.evaluation import RetrievalSet, in_group_metrics
+
+    dataset = RetrievalSet(queries={"q0": "a", "q1": "b"}, corpus={"p0": "", "p1": "", "n0": "", "n1": ""},
+                           qrels={"q0": {"p0": 1}, "q1": {"p1": 1}}, groups=[("q0", ["n0", "n1"]), ("q1", ["n0", "n1"])])
+    query_emb = torch.tensor([[1.0, 0.0], [0.0, 1.0]])
+    corpus_emb = torch.tensor([[0.9, 0.1], [0.5, 0.5], [0.2, 0.8], [0.1, 0.95]])  # p0, p1, n0, n1
+    metrics = in_group_metrics(query_emb, corpus_emb, {"q0": 0, "q1": 1}, {"p0": 0, "p1": 1, "n0": 2, "n1": 3}, dataset)
+    # q0: p0 (0.9) beats n0 (0.2), n1 (0.1) -> 1; q1: p1 (0.5) below n0 (0.8) and n1 (0.95) -> 1/3.
+    assert metrics == pytest.approx({"ingroup_accuracy": 0.5, "ingroup_mrr": (1 + 1 / 3) / 2})

@@ -1,0 +1,35 @@
+"""Run under 2 processes by tests/test_distributed_eval.py: retrieval metrics with sharded encoding.
+
+    accelerate launch --multi_gpu --num_processes 2 tests/distributed_eval_script.py MODEL DATA OUT
+"""
+
+import json
+import sys
+
+import torch
+from accelerate import PartialState
+
+from finetune.distributed import encode_sharded, world
+from finetune.evaluation import evaluate_retrieval, load_retrieval_set
+from finetune.modeling import EmbeddingModel
+
+
+def main(model_path: str, data_path: str, output_path: str) -> None:
+    state = PartialState(backend="gloo")
+    rank, size = world()
+    assert size == 2, f"expected 2 processes, got {size}"
+    torch.set_num_threads(1)
+    model = EmbeddingModel.from_pretrained(model_path)
+    dataset = load_retrieval_set([data_path])
+    encode = lambda texts: encode_sharded(lambda shard: model.encode(shard, batch_size=4), texts,  # noqa: E731
+                                          torch.device("cpu"))
+    metrics = evaluate_retrieval(encode, encode, dataset)
+    gathered = [None, None]
+    torch.distributed.all_gather_object(gathered, metrics)
+    if state.is_main_process:
+        with open(output_path, "w", encoding="utf-8") as handle:
+            json.dump({"world_size": size, "per_rank": gathered}, handle)
+
+
+if __name__ == "__main__":
+    main(*sys.argv[1:4])
