@@ -6,7 +6,9 @@ checkpoint and the final model as a complete SentenceTransformer folder.
 
 from __future__ import annotations
 
+import json
 import os
+import shutil
 
 import torch
 from transformers import Trainer
@@ -15,6 +17,29 @@ from finetune.data import EpochShuffleSampler
 from finetune.distributed import encode_sharded
 from finetune.evaluation import RetrievalSet, evaluate_retrieval
 from finetune.losses import ranking_loss
+
+
+CHECKPOINT_COMPLETE = "checkpoint_complete.json"  # written last: a checkpoint without it was cut short
+
+
+def write_json_atomic(path: str, content: dict) -> None:
+    tmp = f"{path}.tmp"
+    with open(tmp, "w", encoding="utf-8") as handle:
+        json.dump(content, handle)
+    os.replace(tmp, path)
+
+
+def move_into_place(staging: str, output_dir: str, last: str) -> None:
+    """Move every entry of ``staging`` into ``output_dir`` (replacing), ``last`` at the very end; remove ``staging``."""
+    if os.path.exists(os.path.join(output_dir, last)):
+        os.remove(os.path.join(output_dir, last))  # the folder stops looking complete until the move ends
+    names = sorted(os.listdir(staging), key=lambda name: name == last)
+    for name in names:
+        target = os.path.join(output_dir, name)
+        if os.path.isdir(target) and not os.path.islink(target):
+            shutil.rmtree(target)
+        os.replace(os.path.join(staging, name), target)
+    os.rmdir(staging)
 
 
 class EmbeddingTrainer(Trainer):
@@ -74,14 +99,31 @@ class EmbeddingTrainer(Trainer):
         return EpochShuffleSampler(len(dataset), seed=seed)
 
     def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
-        """Write a SentenceTransformer folder (``state_dict``: full weights gathered by ZeRO-3/FSDP, if any)."""
+        """Write a SentenceTransformer folder (``state_dict``: full weights gathered by ZeRO-3/FSDP, if any).
+
+        Files are written to a staging folder first and moved into place with ``modules.json`` last,
+        so a kill during the save never leaves a folder that sentence-transformers would take for a
+        complete model.
+        """
         output_dir = output_dir if output_dir is not None else self.args.output_dir
         if not self.args.should_save:
             return
-        os.makedirs(output_dir, exist_ok=True)
-        self.accelerator.unwrap_model(self.model).save_pretrained(output_dir, state_dict=state_dict)
-        with open(os.path.join(output_dir, "training_args.json"), "w", encoding="utf-8") as handle:
+        staging = os.path.join(output_dir, ".saving")
+        shutil.rmtree(staging, ignore_errors=True)
+        os.makedirs(staging)
+        self.accelerator.unwrap_model(self.model).save_pretrained(staging, state_dict=state_dict)
+        with open(os.path.join(staging, "training_args.json"), "w", encoding="utf-8") as handle:
             handle.write(self.args.to_json_string())
+        move_into_place(staging, output_dir, last="modules.json")
+
+    def _save_checkpoint(self, model, trial) -> None:
+        """Save as the Trainer does, then mark the checkpoint complete once every process has written its part."""
+        super()._save_checkpoint(model, trial)
+        self.accelerator.wait_for_everyone()
+        if self.args.should_save:
+            folder = os.path.join(self._get_output_dir(trial=trial), f"checkpoint-{self.state.global_step}")
+            if os.path.isdir(folder):
+                write_json_atomic(os.path.join(folder, CHECKPOINT_COMPLETE), {"global_step": self.state.global_step})
 
     def _load_from_checkpoint(self, resume_from_checkpoint: str, model=None) -> None:
         if self.is_deepspeed_enabled or self.is_fsdp_enabled:

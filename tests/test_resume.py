@@ -1,0 +1,85 @@
+"""Crash safety: a run killed with SIGKILL resumes from its last complete checkpoint and ends where an
+uninterrupted run ends; a checkpoint cut short is skipped."""
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from safetensors.torch import load_file
+
+from finetune import train
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def args(model, data, output_dir):
+    return ["--model_name_or_path", model, "--train_file", data, "--output_dir", str(output_dir),
+            "--per_device_train_batch_size", "4", "--num_hard_negatives", "2", "--learning_rate", "1e-3",
+            "--max_steps", "120", "--save_steps", "10", "--save_total_limit", "2", "--logging_steps", "10",
+            "--use_cpu", "true", "--report_to", "none", "--seed", "7"]
+
+
+def max_weight_difference(a_dir, b_dir):
+    a, b = load_file(str(a_dir / "model.safetensors")), load_file(str(b_dir / "model.safetensors"))
+    assert a.keys() == b.keys()
+    return max((a[key].float() - b[key].float()).abs().max().item() for key in a)
+
+
+def test_sigkill_mid_run_then_same_command_resumes_to_the_same_weights(tiny_bert, train_file, tmp_path):
+    killed_dir, straight_dir = tmp_path / "killed", tmp_path / "straight"
+    command = [sys.executable, str(ROOT / "finetune" / "train.py"), *args(tiny_bert, train_file, killed_dir)]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    process = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    marker = killed_dir / "checkpoint-30" / "checkpoint_complete.json"
+    deadline = time.time() + 240
+    while not marker.exists() and process.poll() is None and time.time() < deadline:
+        time.sleep(0.02)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    assert process.returncode == -signal.SIGKILL, "the run ended before it could be killed"
+    assert not (killed_dir / "modules.json").exists()  # no final model yet
+
+    resumed = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "Resuming from" in resumed.stdout + resumed.stderr
+    train.main(args(tiny_bert, train_file, straight_dir))
+    assert max_weight_difference(killed_dir, straight_dir) < 1e-6
+
+
+def test_checkpoint_without_completion_marker_is_skipped(tiny_bert, train_file, tmp_path, caplog):
+    output_dir = tmp_path / "out"
+    base = args(tiny_bert, train_file, output_dir)
+    base[base.index("--max_steps") + 1] = "20"
+    train.main(base)
+    # Simulate a kill while checkpoint-20 was being written: no marker, a truncated weights file.
+    (output_dir / "checkpoint-20" / "checkpoint_complete.json").unlink()
+    weights = output_dir / "checkpoint-20" / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:100])
+    assert train.last_complete_checkpoint(str(output_dir)).endswith("checkpoint-10")
+    train.main(base)  # resumes from checkpoint-10 and trains steps 11..20 again
+    assert "Skipping" in caplog.text and "checkpoint-20" in caplog.text
+    assert len(load_file(str(weights))) > 0  # rewritten whole
+
+
+def test_final_save_moves_modules_json_last(tmp_path):
+    from finetune.trainer import move_into_place
+
+    staging, output = tmp_path / "out" / ".saving", tmp_path / "out"
+    (staging / "1_Pooling").mkdir(parents=True)
+    for name in ("modules.json", "config.json", "1_Pooling/config.json"):
+        (staging / name).write_text("new")
+    (output / "1_Pooling").mkdir(exist_ok=True)
+    (output / "1_Pooling" / "stale.json").write_text("old")
+    (output / "modules.json").write_text("old")
+    moved = []
+    original = os.replace
+    try:
+        os.replace = lambda src, dst: (moved.append(Path(dst).name), original(src, dst))[1]
+        move_into_place(str(staging), str(output), last="modules.json")
+    finally:
+        os.replace = original
+    assert moved[-1] == "modules.json" and not staging.exists()
+    assert (output / "modules.json").read_text() == "new" and not (output / "1_Pooling" / "stale.json").exists()
