@@ -33,6 +33,18 @@ def _load_encoder(model_name_or_path: str, subfolder: str, trust_remote_code: bo
     return encoder
 
 
+class ModelLoadError(ValueError):
+    """A model path or id that does not give an encoder and its tokenizer."""
+
+    def __init__(self, model_name_or_path: str, what: str, cause: Exception):
+        where = ("the local folder" if os.path.isdir(model_name_or_path) else
+                 "a Hub id or path that does not exist" + (" (HF_HUB_OFFLINE=1: the Hub is not asked)"
+                                                           if os.environ.get("HF_HUB_OFFLINE") == "1" else ""))
+        first_line = str(cause).strip().splitlines()[0] if str(cause).strip() else type(cause).__name__
+        super().__init__(f"--model_name_or_path {model_name_or_path!r} ({where}) has {what}: {first_line}. "
+                         "Give a folder with config.json, the weights and the tokenizer files, or a Hub model id.")
+
+
 class EmbeddingModel(nn.Module):
     """Encoder + pooling (+ normalisation), with the metadata needed to save a SentenceTransformer.
 
@@ -59,9 +71,22 @@ class EmbeddingModel(nn.Module):
         Defaults for a plain HF encoder: mean pooling with normalisation.
         """
         st = read_sentence_transformer_config(model_name_or_path)
-        encoder = _load_encoder(model_name_or_path, st.transformer_subfolder, trust_remote_code)
+        try:
+            encoder = _load_encoder(model_name_or_path, st.transformer_subfolder, trust_remote_code)
+        except (OSError, ValueError) as error:
+            raise ModelLoadError(model_name_or_path, "no loadable model", error) from None
         tokenizer_kwargs = {"subfolder": st.transformer_subfolder} if st.transformer_subfolder else {}
-        tokenizer = AutoTokenizer.from_pretrained(model_name_or_path, trust_remote_code=trust_remote_code, **tokenizer_kwargs)
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(model_name_or_path, trust_remote_code=trust_remote_code,
+                                                      **tokenizer_kwargs)
+        except (OSError, ValueError, TypeError) as error:
+            raise ModelLoadError(model_name_or_path, "no tokenizer", error) from None
+        vocab_size = getattr(encoder.config, "vocab_size", None)
+        if vocab_size and len(tokenizer) < vocab_size // 2:
+            # transformers builds an empty tokenizer (special tokens only) when the files are missing.
+            raise ModelLoadError(model_name_or_path, "no tokenizer", ValueError(
+                f"the tokenizer found knows {len(tokenizer)} tokens for a model with {vocab_size} embeddings "
+                "(tokenizer.json / vocab files missing?)"))
         pooling = pooling or st.pooling or "mean"
         normalize = normalize if normalize is not None else (st.normalize if st.normalize is not None else True)
         return cls(encoder, tokenizer, pooling=pooling, normalize=normalize, **metadata)

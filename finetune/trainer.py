@@ -7,6 +7,7 @@ checkpoint and the final model as a complete SentenceTransformer folder.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import shutil
 
@@ -19,7 +20,13 @@ from finetune.evaluation import RetrievalSet, evaluate_retrieval
 from finetune.losses import ranking_loss
 
 
+logger = logging.getLogger("finetune.trainer")
+
 CHECKPOINT_COMPLETE = "checkpoint_complete.json"  # written last: a checkpoint without it was cut short
+
+
+class NonFiniteError(RuntimeError):
+    """The loss or the gradients became inf/NaN."""
 
 
 def write_json_atomic(path: str, content: dict) -> None:
@@ -62,7 +69,36 @@ class EmbeddingTrainer(Trainer):
         num_negatives = doc_emb.shape[0] // query_emb.shape[0] - 1
         loss = ranking_loss(query_emb, doc_emb, inputs["doc_keys"], num_negatives=num_negatives,
                             scale=self.args.scale, mode=self.args.hard_negatives_mode)
+        if model.training:
+            loss = self._guard_non_finite(loss, "loss", fallback=lambda: (query_emb.sum() + doc_emb.sum()) * 0.0)
         return (loss, {"query_emb": query_emb, "doc_emb": doc_emb}) if return_outputs else loss
+
+    def _guard_non_finite(self, value: torch.Tensor, what: str, fallback):
+        """Stop (default) or skip when ``value`` is inf/NaN, naming the step and the likely causes."""
+        if torch.isfinite(value).all():
+            return value
+        step = self.state.global_step + 1
+        causes = (f"temperature {self.args.temperature} (scale {self.args.scale:g}) too low, "
+                  f"{'fp16 overflow (try --bf16), ' if self.args.fp16 else ''}"
+                  f"learning rate {self.args.learning_rate:g} too high, or inf/NaN weights in the model")
+        if self.args.on_non_finite == "skip":
+            logger.warning("Non-finite %s at step %d: skipping this batch (likely causes: %s).", what, step, causes)
+            return fallback()
+        raise NonFiniteError(f"Non-finite {what} ({value.float().max().item()}) at step {step}. Likely causes: {causes}. "
+                             "Pass --on_non_finite skip to skip such batches instead.")
+
+    def _get_grad_norm(self, model, grad_norm=None):
+        grad_norm = super()._get_grad_norm(model, grad_norm)
+        # Under fp16 the loss scaler skips steps with inf gradients by design; elsewhere they are a fault.
+        if grad_norm is not None and not self.args.fp16 and not self.is_deepspeed_enabled:
+            norm = torch.as_tensor(grad_norm)
+
+            def zero_gradients():
+                model.zero_grad()
+                return torch.zeros(())
+
+            grad_norm = self._guard_non_finite(norm, "gradient norm", fallback=zero_gradients)
+        return grad_norm
 
     def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
         """Validation loss only (NeMo's validation metric); there are no labels or logits to return."""
