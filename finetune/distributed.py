@@ -32,3 +32,30 @@ def encode_sharded(encode: Callable[[list[str]], torch.Tensor], texts: list[str]
     gathered = [torch.empty_like(local) for _ in range(size)]
     dist.all_gather(gathered, local)
     return torch.cat(gathered)[:len(texts)].cpu()
+
+
+GATHER_MODES = ("global", "local")
+
+
+def gather_rows(tensor: torch.Tensor, backprop: str = "global") -> torch.Tensor:
+    """Concatenate every process's (n, D) rows in rank order -> (world*n, D); identity in one process.
+
+    ``global``: gradients flow through every gathered slice back to the process that made it (the
+    backward of torch.distributed.nn's all_gather sums what each process computed for a slice), so
+    the data-parallel average of the local losses has exactly the gradient of one big batch.
+    ``local``: the other processes' slices are constants; only the local slot carries gradient
+    (NeMo 2.0's default). Every process must pass the same n.
+    """
+    if backprop not in GATHER_MODES:
+        raise ValueError(f"Unknown gather backprop {backprop!r}; expected one of {GATHER_MODES}.")
+    rank, size = world()
+    if size == 1:
+        return tensor
+    if backprop == "global":
+        import torch.distributed.nn.functional as dist_nn
+
+        return torch.cat(dist_nn.all_gather(tensor.contiguous()))
+    parts = [torch.empty_like(tensor) for _ in range(size)]
+    dist.all_gather(parts, tensor.detach().contiguous())
+    parts[rank] = tensor
+    return torch.cat(parts)

@@ -92,6 +92,11 @@ class EmbeddingModel(nn.Module):
         return cls(encoder, tokenizer, pooling=pooling, normalize=normalize, **metadata)
 
     @property
+    def config(self):
+        """The encoder's HF config (the Trainer's DeepSpeed integration sizes its buckets from hidden_size)."""
+        return self.encoder.config
+
+    @property
     def embedding_dimension(self) -> int:
         return self.encoder.config.hidden_size
 

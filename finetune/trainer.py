@@ -15,7 +15,7 @@ import torch
 from transformers import Trainer
 
 from finetune.data import EpochShuffleSampler
-from finetune.distributed import encode_sharded
+from finetune.distributed import encode_sharded, gather_rows, world
 from finetune.evaluation import RetrievalSet, evaluate_retrieval
 from finetune.losses import ranking_loss
 
@@ -66,12 +66,24 @@ class EmbeddingTrainer(Trainer):
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         query_emb = model(inputs["query_input_ids"], inputs["query_attention_mask"])  # (B, D)
         doc_emb = model(inputs["doc_input_ids"], inputs["doc_attention_mask"])  # (B*(1+k), D)
-        num_negatives = doc_emb.shape[0] // query_emb.shape[0] - 1
-        loss = ranking_loss(query_emb, doc_emb, inputs["doc_keys"], num_negatives=num_negatives,
-                            scale=self.args.scale, mode=self.args.hard_negatives_mode)
+        loss = self.loss_from_embeddings(query_emb, doc_emb, inputs["doc_keys"], gather=model.training)
         if model.training:
             loss = self._guard_non_finite(loss, "loss", fallback=lambda: (query_emb.sum() + doc_emb.sum()) * 0.0)
         return (loss, {"query_emb": query_emb, "doc_emb": doc_emb}) if return_outputs else loss
+
+    def loss_from_embeddings(self, query_emb: torch.Tensor, doc_emb: torch.Tensor, doc_keys: torch.Tensor,
+                             gather: bool) -> torch.Tensor:
+        """The ranking loss of the local queries; with ``gather`` and several processes, against the global batch.
+
+        Shapes: query_emb (B, D), doc_emb (B*(1+k), D), doc_keys (B*(1+k),). Evaluation does not gather
+        (its last batches may differ in size between processes).
+        """
+        rank, size = world() if gather and self.args.global_in_batch_negatives else (0, 1)
+        if size > 1:
+            doc_emb = gather_rows(doc_emb, self.args.global_backprop)  # (S*B*(1+k), D)
+            doc_keys = gather_rows(doc_keys, "local")  # int keys carry no gradient
+        return ranking_loss(query_emb, doc_emb, doc_keys, num_negatives=doc_emb.shape[0] // size // query_emb.shape[0] - 1,
+                            scale=self.args.scale, mode=self.args.hard_negatives_mode, shard_index=rank, num_shards=size)
 
     def _guard_non_finite(self, value: torch.Tensor, what: str, fallback):
         """Stop (default) or skip when ``value`` is inf/NaN, naming the step and the likely causes."""

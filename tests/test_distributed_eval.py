@@ -18,9 +18,10 @@ HERE = Path(__file__).resolve().parent
 def test_two_process_metrics_equal_one_process(tiny_bert, tmp_path):
     data = write_jsonl(tmp_path / "val.jsonl", make_records(13, seed=7))  # odd sizes: uneven shards
     output = tmp_path / "metrics.json"
-    env = {**os.environ, "ACCELERATE_USE_CPU": "true", "OMP_NUM_THREADS": "1"}
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
     accelerate = str(Path(sys.executable).parent / "accelerate")
-    result = subprocess.run([accelerate, "launch", "--multi_gpu", "--num_processes", "2", "--main_process_port", "0",
+    result = subprocess.run([accelerate, "launch", "--config_file",
+                             str(Path(__file__).resolve().parent.parent / "accelerate_configs" / "cpu_multi_process.yaml"),
                              str(HERE / "distributed_eval_script.py"), tiny_bert, data, str(output)],
                             capture_output=True, text=True, timeout=300, env=env)
     assert result.returncode == 0, result.stderr[-3000:]

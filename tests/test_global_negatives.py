@@ -1,0 +1,71 @@
+"""Global in-batch negatives: 2 CPU processes with batch b equal 1 process with batch 2b."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from transformers import BertConfig
+
+from finetune import train
+
+ROOT = Path(__file__).resolve().parent.parent
+HERE = Path(__file__).resolve().parent
+
+
+@pytest.fixture(scope="module")
+def tiny_bert_without_dropout(tiny_bert, tmp_path_factory):
+    """The tiny BERT with dropout off, so that two runs can agree to the last bit."""
+    import shutil
+
+    folder = tmp_path_factory.mktemp("tiny_bert_no_dropout")
+    shutil.copytree(tiny_bert, folder, dirs_exist_ok=True)
+    config = BertConfig.from_pretrained(folder)
+    config.hidden_dropout_prob = config.attention_probs_dropout_prob = 0.0
+    config.save_pretrained(folder)
+    return str(folder)
+
+
+def launch_two_processes(script_args, timeout=600):
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    accelerate = str(Path(sys.executable).parent / "accelerate")
+    result = subprocess.run([accelerate, "launch", "--config_file",
+                             str(Path(__file__).resolve().parent.parent / "accelerate_configs" / "cpu_multi_process.yaml"),
+                             *script_args], capture_output=True, text=True, timeout=timeout, env=env)
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-4000:]
+    return result
+
+
+@pytest.mark.parametrize("mode", ["shared", "exclusive"])
+def test_two_process_training_step_equals_one_process_double_batch(tiny_bert_without_dropout, train_file, tmp_path,
+                                                                   mode):
+    common = ["--model_name_or_path", tiny_bert_without_dropout, "--train_file", train_file, "--max_steps", "2",
+              "--num_hard_negatives", "2", "--learning_rate", "1e-3", "--warmup_steps", "0", "--report_to", "none",
+              "--hard_negatives_mode", mode, "--save_steps", "100", "--logging_steps", "1", "--use_cpu", "true",
+              "--dataloader_num_workers", "0"]
+    two = launch_two_processes([str(ROOT / "finetune" / "train.py"), *common, "--per_device_train_batch_size", "4",
+                                "--output_dir", str(tmp_path / "two")])
+    assert "World size 2" in two.stdout + two.stderr
+    train.main([*common, "--per_device_train_batch_size", "8", "--output_dir", str(tmp_path / "one")])
+    a, b = load_file(str(tmp_path / "two" / "model.safetensors")), load_file(str(tmp_path / "one" / "model.safetensors"))
+    assert max((a[k] - b[k]).abs().max().item() for k in a) < 1e-5
+    losses = [[e["loss"] for e in json.loads((tmp_path / run / "trainer_state.json").read_text())["log_history"]
+               if "loss" in e] for run in ("two", "one")]
+    assert losses[0] == pytest.approx(losses[1], abs=1e-4)
+
+
+def test_gradients_of_global_and_local_backprop(tiny_bert_without_dropout, tmp_path):
+    output = tmp_path / "grads.pt"
+    launch_two_processes([str(HERE / "global_negatives_script.py"), tiny_bert_without_dropout, str(output)])
+    result = torch.load(output, weights_only=True)
+    from global_negatives_script import reference_gradients  # noqa: E402  (same file, run in one process)
+
+    for backprop in ("global", "local"):
+        expected_loss, expected_grads = reference_gradients(tiny_bert_without_dropout, backprop)
+        assert result[f"{backprop}_loss"].item() == pytest.approx(expected_loss, abs=1e-6)
+        torch.testing.assert_close(result[f"{backprop}_grads"], expected_grads, atol=1e-6, rtol=1e-5)
+    assert (result["global_grads"] - result["local_grads"]).abs().max() > 1e-6  # the modes really differ
