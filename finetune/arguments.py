@@ -116,6 +116,28 @@ class EmbeddingTrainingArguments(TrainingArguments):
         default="shared",
         metadata={"help": "'shared': each query is scored against every document of the batch (sentence-transformers); "
                           "'exclusive': against all in-batch positives plus only its own hard negatives (NeMo)."})
+    global_in_batch_negatives: bool = field(
+        default=True,
+        metadata={"help": "With several processes, score each query against the documents of all processes (the "
+                          "global batch), not only its own. NeMo: global_inbatch_negatives."})
+    global_backprop: str = field(
+        default="global",
+        metadata={"help": "Gradients of the gathered documents: 'global' flows back to every process (equals one big "
+                          "batch), 'local' only through each process's own slot. NeMo: backprop_type."})
+    gradcache_mini_batch_size: int | None = field(
+        default=None,
+        metadata={"help": "GradCache: embed the batch in mini-batches of this many texts and back-propagate the full "
+                          "batch's loss through them, so the per-device batch (and the negatives each query sees) can "
+                          "grow far beyond what fits in memory. Unset = plain training."})
+    on_non_finite: str = field(
+        default="stop",
+        metadata={"help": "What an inf/NaN loss or gradient does: 'stop' the run with a message naming the step and "
+                          "the likely cause, or 'skip' the batch (its gradients are zeroed)."})
+    global_batch_size: int | None = field(
+        default=None,
+        metadata={"help": "Queries per optimizer step over all processes (NeMo's model.global_batch_size). When set, "
+                          "--gradient_accumulation_steps is derived: global / (processes x per-device batch), "
+                          "which must divide evenly."})
     per_device_train_batch_size: int = field(
         default=32, metadata={"help": "Queries per device per step. NeMo: model.micro_batch_size."})
     per_device_eval_batch_size: int = field(default=32, metadata={"help": "Queries per device per evaluation step."})
@@ -137,16 +159,35 @@ class EmbeddingTrainingArguments(TrainingArguments):
                           "validation data, unless given explicitly."})
     ddp_find_unused_parameters: bool | None = field(
         default=False, metadata={"help": "DDP's unused-parameter search; off because every trainable weight is used (the pooler head is frozen)."})
+    wandb_project: str | None = field(
+        default=None,
+        metadata={"help": "Weights & Biases project of the run, with --report_to wandb (sets WANDB_PROJECT; default: "
+                          "the environment's WANDB_PROJECT, else 'huggingface'). NeMo: exp_manager.wandb_logger_kwargs.project."})
+    wandb_group: str | None = field(
+        default=None, metadata={"help": "Weights & Biases run group, e.g. the runs of one sweep (sets WANDB_RUN_GROUP)."})
 
     def __post_init__(self):
         if self.temperature <= 0:
             raise ValueError(f"--temperature must be > 0, got {self.temperature}.")
         if self.hard_negatives_mode not in NEGATIVE_MODES:
             raise ValueError(f"--hard_negatives_mode must be one of {NEGATIVE_MODES}, got {self.hard_negatives_mode!r}.")
+        if self.global_backprop not in ("global", "local"):
+            raise ValueError(f"--global_backprop must be 'global' or 'local', got {self.global_backprop!r}.")
+        if self.gradcache_mini_batch_size is not None and self.gradcache_mini_batch_size < 1:
+            raise ValueError(f"--gradcache_mini_batch_size must be >= 1, got {self.gradcache_mini_batch_size}.")
+        if self.on_non_finite not in ("stop", "skip"):
+            raise ValueError(f"--on_non_finite must be 'stop' or 'skip', got {self.on_non_finite!r}.")
         # Our batches are not model kwargs: keep every column, and there are no labels.
         self.remove_unused_columns = False
         self.label_names = []
         super().__post_init__()
+        if self.global_batch_size is not None:
+            per_step = self.world_size * self.per_device_train_batch_size
+            if self.global_batch_size % per_step:
+                raise ValueError(
+                    f"--global_batch_size {self.global_batch_size} is not divisible by processes x per-device batch = "
+                    f"{self.world_size} x {self.per_device_train_batch_size} = {per_step}; choose a multiple of {per_step}.")
+            self.gradient_accumulation_steps = self.global_batch_size // per_step
         if self.device.type == "cpu":
             self.dataloader_pin_memory = False  # pinning is for host-to-GPU copies; on CPU it only warns
 

@@ -17,6 +17,7 @@ from transformers import Trainer
 from finetune.data import EpochShuffleSampler
 from finetune.distributed import encode_sharded, gather_rows, world
 from finetune.evaluation import RetrievalSet, evaluate_retrieval
+from finetune.gradcache import backward_through_chunks, embed_without_graph
 from finetune.losses import ranking_loss
 
 
@@ -59,6 +60,9 @@ class EmbeddingTrainer(Trainer):
     def __init__(self, *args, retrieval_set: RetrievalSet | None = None, query_max_length: int | None = None,
                  passage_max_length: int | None = None, **kwargs):
         super().__init__(*args, **kwargs)
+        if self.args.gradcache_mini_batch_size and (self.is_deepspeed_enabled or self.is_fsdp_enabled):
+            raise ValueError("--gradcache_mini_batch_size is not supported with DeepSpeed or FSDP yet "
+                             "(it back-propagates several times per step); use DDP, or grow the batch without it.")
         self.retrieval_set = retrieval_set
         self.query_max_length = query_max_length
         self.passage_max_length = passage_max_length
@@ -70,6 +74,33 @@ class EmbeddingTrainer(Trainer):
         if model.training:
             loss = self._guard_non_finite(loss, "loss", fallback=lambda: (query_emb.sum() + doc_emb.sum()) * 0.0)
         return (loss, {"query_emb": query_emb, "doc_emb": doc_emb}) if return_outputs else loss
+
+    def training_step(self, model, inputs, num_items_in_batch=None):
+        if not self.args.gradcache_mini_batch_size:
+            return super().training_step(model, inputs, num_items_in_batch)
+        return self._cached_training_step(model, inputs)
+
+    def _cached_training_step(self, model, inputs) -> torch.Tensor:
+        """GradCache (``finetune.gradcache``): the full (global) batch's loss, mini-batch memory."""
+        model.train()
+        inputs = self._prepare_inputs(inputs)
+        size = self.args.gradcache_mini_batch_size
+        with self.compute_loss_context_manager():
+            query_emb, query_chunks = embed_without_graph(model, inputs["query_input_ids"],
+                                                          inputs["query_attention_mask"], size)
+            doc_emb, doc_chunks = embed_without_graph(model, inputs["doc_input_ids"], inputs["doc_attention_mask"], size)
+        query_emb, doc_emb = query_emb.requires_grad_(), doc_emb.requires_grad_()
+        loss = self.loss_from_embeddings(query_emb, doc_emb, inputs["doc_keys"], gather=True)
+        loss = self._guard_non_finite(loss, "loss", fallback=lambda: None)
+        if loss is None:  # skipped batch: no gradient at all
+            return torch.zeros((), device=self.args.device)
+        loss = loss / self.current_gradient_accumulation_steps
+        query_grad, doc_grad = torch.autograd.grad(loss, [query_emb, doc_emb])
+        backward_through_chunks(model, query_chunks + doc_chunks, torch.cat([query_grad, doc_grad]),
+                                backward=self.accelerator.backward,
+                                no_sync=lambda: self.accelerator.no_sync(model),
+                                autocast=self.compute_loss_context_manager)
+        return loss.detach()
 
     def loss_from_embeddings(self, query_emb: torch.Tensor, doc_emb: torch.Tensor, doc_keys: torch.Tensor,
                              gather: bool) -> torch.Tensor:

@@ -40,15 +40,17 @@ def launch_two_processes(script_args, timeout=600):
     return result
 
 
-@pytest.mark.parametrize("mode", ["shared", "exclusive"])
+@pytest.mark.parametrize("mode, cached", [("shared", False), ("exclusive", False), ("shared", True)])
 def test_two_process_training_step_equals_one_process_double_batch(tiny_bert_without_dropout, train_file, tmp_path,
-                                                                   mode):
+                                                                   mode, cached):
+    """Two processes of batch 4 (plain, or GradCache in chunks of 3 texts) == one process of batch 8, plain."""
     common = ["--model_name_or_path", tiny_bert_without_dropout, "--train_file", train_file, "--max_steps", "2",
               "--num_hard_negatives", "2", "--learning_rate", "1e-3", "--warmup_steps", "0", "--report_to", "none",
               "--hard_negatives_mode", mode, "--save_steps", "100", "--logging_steps", "1", "--use_cpu", "true",
               "--dataloader_num_workers", "0"]
+    cache = ["--gradcache_mini_batch_size", "3"] if cached else []
     two = launch_two_processes([str(ROOT / "finetune" / "train.py"), *common, "--per_device_train_batch_size", "4",
-                                "--output_dir", str(tmp_path / "two")])
+                                "--output_dir", str(tmp_path / "two"), *cache])
     assert "World size 2" in two.stdout + two.stderr
     train.main([*common, "--per_device_train_batch_size", "8", "--output_dir", str(tmp_path / "one")])
     a, b = load_file(str(tmp_path / "two" / "model.safetensors")), load_file(str(tmp_path / "one" / "model.safetensors"))

@@ -1,0 +1,69 @@
+"""GradCache: the contrastive loss of a large batch in the memory of a mini-batch.
+
+1. ``embed_without_graph``: embed the batch in mini-batches without autograd, remembering each
+   mini-batch's RNG state.  2. The caller computes the loss on the full (possibly globally
+   gathered) embeddings and its gradient w.r.t. the embeddings.  3. ``backward_through_chunks``:
+   re-embed each mini-batch with autograd, replaying its RNG state so dropout masks match step 1,
+   and back-propagate the cached embedding gradient. Activations of only one mini-batch are alive
+   at a time; the result equals back-propagating the full-batch loss.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass
+class Chunk:
+    """One mini-batch and the RNG state its first (no-graph) forward started from."""
+
+    input_ids: torch.Tensor  # (m, T)
+    attention_mask: torch.Tensor  # (m, T)
+    cpu_rng_state: torch.Tensor
+    cuda_rng_state: torch.Tensor | None
+
+
+@contextlib.contextmanager
+def replayed_rng(chunk: Chunk):
+    """Run the block with the chunk's RNG state; the global RNG streams are restored afterwards."""
+    devices = [torch.cuda.current_device()] if chunk.cuda_rng_state is not None else []
+    with torch.random.fork_rng(devices=devices):
+        torch.set_rng_state(chunk.cpu_rng_state)
+        if chunk.cuda_rng_state is not None:
+            torch.cuda.set_rng_state(chunk.cuda_rng_state)
+        yield
+
+
+def embed_without_graph(model: Callable, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                        mini_batch_size: int) -> tuple[torch.Tensor, list[Chunk]]:
+    """Embeddings (N, D), detached, and the chunks to replay. Shapes: input_ids, attention_mask (N, T)."""
+    embeddings, chunks = [], []
+    for start in range(0, input_ids.shape[0], mini_batch_size):
+        chunk = Chunk(input_ids[start:start + mini_batch_size], attention_mask[start:start + mini_batch_size],
+                      torch.get_rng_state(), torch.cuda.get_rng_state() if input_ids.is_cuda else None)
+        with torch.no_grad():
+            embeddings.append(model(chunk.input_ids, chunk.attention_mask))
+        chunks.append(chunk)
+    return torch.cat(embeddings), chunks
+
+
+def backward_through_chunks(model: Callable, chunks: list[Chunk], embedding_grads: torch.Tensor,
+                            backward: Callable[[torch.Tensor], None],
+                            no_sync: Callable[[], contextlib.AbstractContextManager],
+                            autocast: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext) -> None:
+    """Re-embed each chunk with autograd and back-propagate its slice of ``embedding_grads`` (N, D).
+
+    ``backward`` is e.g. ``accelerator.backward``; ``no_sync`` suppresses the data-parallel gradient
+    all-reduce, which then happens once, with the last chunk.
+    """
+    grads = embedding_grads.split([chunk.input_ids.shape[0] for chunk in chunks])
+    for index, (chunk, grad) in enumerate(zip(chunks, grads)):
+        sync = index == len(chunks) - 1
+        with (contextlib.nullcontext() if sync else no_sync()), replayed_rng(chunk):
+            with autocast():
+                embedding = model(chunk.input_ids, chunk.attention_mask)
+            backward((embedding.float() * grad).sum())  # d(sum emb * g)/d(emb) = g
