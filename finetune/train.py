@@ -29,11 +29,17 @@ from finetune.config import ConfigError, parse_arguments  # noqa: E402
 from finetune.data import (TripletCollator, TripletDataset, check_enough_negatives, load_raw_dataset,  # noqa: E402
                            tokenize_dataset)
 from finetune.evaluation import load_retrieval_set  # noqa: E402
+from finetune.hub import HubPushError, SentenceTransformerHubMixin  # noqa: E402
 from finetune.modeling import EmbeddingModel  # noqa: E402
 from finetune.schema import DataFormatError  # noqa: E402
+from finetune.sharing import configure_tracking, share  # noqa: E402
 from finetune.trainer import EmbeddingTrainer  # noqa: E402
 
 logger = logging.getLogger("finetune.train")
+
+
+class HubEmbeddingTrainer(SentenceTransformerHubMixin, EmbeddingTrainer):
+    """EmbeddingTrainer whose --push_to_hub uploads the SentenceTransformer folder and its card (finetune.hub)."""
 
 
 class OutputDirError(ValueError):
@@ -134,11 +140,12 @@ def run(model_args: ModelArguments, data_args: DataArguments, training_args: Emb
         logger.info("Resuming from %s", resume_from)
 
     pad_multiple = 8 if (training_args.fp16 or training_args.bf16) else None
-    trainer = EmbeddingTrainer(model=model, args=training_args, train_dataset=train_dataset,
-                               eval_dataset=eval_dataset, data_collator=TripletCollator(model.tokenizer, pad_multiple),
-                               processing_class=model.tokenizer, retrieval_set=retrieval_set,
-                               query_max_length=data_args.query_max_length,
-                               passage_max_length=data_args.passage_max_length)
+    configure_tracking(training_args)
+    trainer = HubEmbeddingTrainer(model=model, args=training_args, train_dataset=train_dataset,
+                                  eval_dataset=eval_dataset, data_collator=TripletCollator(model.tokenizer, pad_multiple),
+                                  processing_class=model.tokenizer, retrieval_set=retrieval_set,
+                                  query_max_length=data_args.query_max_length,
+                                  passage_max_length=data_args.passage_max_length)
     train_result = trainer.train(resume_from_checkpoint=resume_from)
     trainer.save_model()
     metrics = dict(train_result.metrics)
@@ -150,6 +157,8 @@ def run(model_args: ModelArguments, data_args: DataArguments, training_args: Emb
         trainer.save_metrics("eval", eval_metrics)
         metrics.update(eval_metrics)
     trainer.save_state()
+    share(trainer, model_args, data_args, training_args, num_train_records=len(train_dataset),
+          num_validation_records=len(eval_dataset) if eval_dataset is not None else 0)
     if training_args.should_save:
         print(f"\nModel saved to {os.path.abspath(training_args.output_dir)}\n"
               f"Load it with:\n  from sentence_transformers import SentenceTransformer\n"
@@ -167,7 +176,7 @@ def cli() -> None:
     """Entry point: bad input ends with one clear message and exit code 2, not a traceback."""
     try:
         main()
-    except (DataFormatError, OutputDirError, ConfigError, FileNotFoundError) as error:
+    except (DataFormatError, OutputDirError, ConfigError, FileNotFoundError, HubPushError) as error:
         print(f"error: {error}", file=sys.stderr)
         sys.exit(2)
 

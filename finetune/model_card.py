@@ -1,0 +1,323 @@
+"""The model card (``README.md``) of a trained model, rendered from ``templates/model_card.md.j2``.
+
+Everything the card says is read from files in the output directory, so the card can be written
+at the end of training and re-rendered later (``python -m finetune.push_to_hub`` does, to pick up
+metrics added after training):
+
+- ``training_run.json``: what only the training process knows (base model, data files and record
+  counts, loss settings, non-default options); written by :func:`save_training_run`.
+- the SentenceTransformer files (prompts, pooling, normalisation, max length, versions) and
+  ``config.json`` (architecture);
+- metrics, when present: ``trainer_state.json`` (training curve; an evaluation at step 0 is the
+  base model), ``all_results.json`` / ``eval_results.json`` (final evaluation) and
+  ``retrieval_metrics.json`` (``python -m finetune.evaluate ... --output_json``; several models).
+
+This module only reads JSON and renders text; it imports neither torch nor transformers.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from pathlib import Path
+
+import jinja2
+import yaml
+
+CARD_FILE = "README.md"
+TRAINING_RUN_FILE = "training_run.json"
+RETRIEVAL_METRICS_FILE = "retrieval_metrics.json"
+TEMPLATE_DIR = Path(__file__).resolve().parent / "templates"
+TEMPLATE_NAME = "model_card.md.j2"
+
+# Options that say where things ran or went, not how the model was trained; tokens never appear.
+_NOT_TRAINING_OPTIONS = ("output_dir", "overwrite_output_dir", "resume_from_checkpoint", "logging_dir", "run_name",
+                         "report_to", "wandb_project", "wandb_group", "project", "push_to_hub", "hub_model_id",
+                         "hub_private_repo", "hub_strategy", "hub_revision", "hub_always_push", "use_cpu")
+# Evaluation entries that are bookkeeping, not quality.
+_NOT_METRICS = ("runtime", "samples_per_second", "steps_per_second", "epoch", "seconds")
+_METRIC_LABELS = {"loss": "validation loss", "ndcg@10": "nDCG@10", "mrr@10": "MRR@10", "map@100": "MAP@100",
+                  "recall@1": "Recall@1", "recall@10": "Recall@10", "recall@100": "Recall@100",
+                  "ingroup_accuracy": "in-group accuracy", "ingroup_mrr": "in-group MRR"}
+# Display order of metrics; others follow in the order they were logged.
+_METRIC_ORDER = ("ndcg@10", "mrr@10", "map@100", "recall@1", "recall@10", "recall@100", "ingroup_accuracy",
+                 "ingroup_mrr", "loss")
+_HUB_CACHE_DIR = re.compile(r"(?:^|/)(models|datasets)--([^/]+?)--([^/]+)(?:/|$)")
+_CURVE_ROWS = 20
+
+
+def _read_json(path: str | Path) -> dict | list | None:
+    try:
+        with open(path, encoding="utf-8") as handle:
+            return json.load(handle)
+    except (OSError, ValueError):
+        return None
+
+
+def _write_atomically(path: str | Path, text: str) -> None:
+    """Write ``text`` to a temporary file next to ``path`` and rename it over: readers never see half a file."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        tmp.write_text(text, encoding="utf-8")
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def hub_repo_id(name_or_path: str | None, kind: str = "models") -> str | None:
+    """The Hub id behind a model/dataset reference, or None for a purely local one.
+
+    ``org/name`` is taken as a Hub id when no such local path exists; a folder of the Hub cache
+    (``.../models--org--name/snapshots/<sha>``) maps back to ``org/name``.
+    """
+    if not name_or_path:
+        return None
+    match = _HUB_CACHE_DIR.search(str(name_or_path).replace(os.sep, "/"))
+    if match and match.group(1) == kind:
+        return f"{match.group(2)}/{match.group(3)}"
+    if not os.path.exists(name_or_path) and re.fullmatch(r"[\w.-]+/[\w.-]+", name_or_path):
+        return name_or_path
+    return None
+
+
+def save_training_run(output_dir: str, model_args, data_args, training_args, *, num_train_records: int,
+                      num_validation_records: int, world_size: int, base_model_id: str | None = None,
+                      tracking_url: str | None = None) -> str:
+    """Record what the card needs and only the training process knows, as ``training_run.json``.
+
+    ``base_model_id``: the Hub id of a local base model (e.g. the packaged MiniLM), if known.
+    Non-default training options are those that differ from ``EmbeddingTrainingArguments``' own
+    defaults; Hub, logging and output options are left out, and tokens never appear.
+    """
+    defaults = type(training_args)(output_dir=training_args.output_dir, use_cpu=training_args.use_cpu).to_dict()
+    options = {name: value for name, value in training_args.to_dict().items()
+               if defaults.get(name) != value and name not in _NOT_TRAINING_OPTIONS and "token" not in name}
+    run = {
+        "base_model": model_args.model_name_or_path,
+        "base_model_id": base_model_id or hub_repo_id(model_args.model_name_or_path),
+        "train_files": [os.path.basename(path) for path in data_args.train_file],
+        "validation_files": [os.path.basename(path) for path in data_args.validation_file or []],
+        "datasets": sorted({repo for path in [*data_args.train_file, *(data_args.validation_file or [])]
+                            if (repo := hub_repo_id(path, "datasets")) is not None}),
+        "num_train_records": num_train_records,
+        "num_validation_records": num_validation_records,
+        "query_prefix": data_args.query_prefix,
+        "passage_prefix": data_args.passage_prefix,
+        "query_max_length": data_args.query_max_length,
+        "passage_max_length": data_args.passage_max_length,
+        "num_hard_negatives": data_args.num_hard_negatives,
+        "temperature": training_args.temperature,
+        "hard_negatives_mode": training_args.hard_negatives_mode,
+        "per_device_train_batch_size": training_args.per_device_train_batch_size,
+        "gradient_accumulation_steps": training_args.gradient_accumulation_steps,
+        "world_size": world_size,
+        # Documents of all processes are candidates (finetune.losses) unless switched off.
+        "global_in_batch_negatives": bool(getattr(training_args, "global_in_batch_negatives", False)),
+        "non_default_options": options,
+        "tracking_url": tracking_url,
+    }
+    path = Path(output_dir, TRAINING_RUN_FILE)
+    _write_atomically(path, json.dumps(run, indent=2) + "\n")
+    return str(path)
+
+
+def _model_details(output_dir: Path) -> dict:
+    """Architecture, pooling, prompts and versions, from the saved SentenceTransformer files."""
+    config = _read_json(output_dir / "config.json") or {}
+    st_config = _read_json(output_dir / "config_sentence_transformers.json") or {}
+    modules = _read_json(output_dir / "modules.json") or []
+    pooling, normalize = None, False
+    for module in modules:
+        kind = module.get("type", "").rsplit(".", 1)[-1]
+        if kind == "Pooling":
+            pooling_config = _read_json(output_dir / module["path"] / "config.json") or {}
+            pooling = next((key.removeprefix("pooling_mode_").removesuffix("_tokens").removesuffix("_token")
+                            for key, value in pooling_config.items() if key.startswith("pooling_mode_") and value is True),
+                           pooling_config.get("pooling_mode"))
+        elif kind == "Normalize":
+            normalize = True
+    prompts = st_config.get("prompts") or {}
+    return {
+        "architecture": ", ".join(config.get("architectures") or [config.get("model_type", "unknown")]),
+        "num_layers": config.get("num_hidden_layers"),
+        "dimension": config.get("hidden_size"),
+        "max_seq_length": (_read_json(output_dir / "sentence_bert_config.json") or {}).get("max_seq_length"),
+        "pooling": pooling,
+        "normalize": normalize,
+        "similarity": st_config.get("similarity_fn_name") or "cosine",
+        "query_prompt": prompts.get("query", ""),
+        "document_prompt": prompts.get("document", ""),
+        "versions": st_config.get("__version__") or {},
+    }
+
+
+def _ordered(names) -> list[str]:
+    names = list(dict.fromkeys(names))
+    return sorted(names, key=lambda name: (_METRIC_ORDER.index(name) if name in _METRIC_ORDER else len(_METRIC_ORDER),
+                                           names.index(name)))
+
+
+def _split_metrics(entry: dict, prefix: str = "eval_") -> dict[str, float]:
+    """Quality metrics of one evaluation record, without the prefix and the timing entries."""
+    return {name.removeprefix(prefix): value for name, value in entry.items()
+            if name.startswith(prefix) and isinstance(value, (int, float))
+            and not name.removeprefix(prefix).endswith(_NOT_METRICS)}
+
+
+def _evaluations(output_dir: Path, log_history: list[dict], base_model: str) -> dict:
+    """Before/after rows from the Trainer's files, and the standalone retrieval comparison, if any."""
+    final = _split_metrics(_read_json(output_dir / "all_results.json") or _read_json(output_dir / "eval_results.json") or {})
+    if not final:  # no evaluation after training: the last one logged during it
+        logged = [entry for entry in log_history if _split_metrics(entry)]
+        final = _split_metrics(logged[-1]) if logged else {}
+    start = next((_split_metrics(entry) for entry in log_history if entry.get("step") == 0 and _split_metrics(entry)), {})
+    names = _ordered([*start, *final])
+    before_after = [{"metric": _METRIC_LABELS.get(name, name), "name": name, "before": start.get(name),
+                     "after": final.get(name)} for name in names]
+
+    comparison = _read_json(output_dir / RETRIEVAL_METRICS_FILE)
+    models, rows, this_model = [], [], None
+    if isinstance(comparison, dict) and comparison:
+        models = list(comparison)
+        this_model = next((name for name in models if os.path.isdir(name) and os.path.samefile(name, output_dir)),
+                          models[-1])
+        metric_names = _ordered(name for name in comparison[models[0]] if not name.endswith(_NOT_METRICS))
+        rows = [{"metric": _METRIC_LABELS.get(name, name), "values": [comparison[model].get(name) for model in models]}
+                for name in metric_names]
+    final_retrieval = {name: value for name, value in
+                       ((comparison[this_model] if this_model else None) or final).items()
+                       if name != "loss" and not name.endswith(_NOT_METRICS)}
+    labels = {model: ("this model" if model == this_model else
+                      "base model" if model == base_model else os.path.basename(model.rstrip("/")) or model)
+              for model in models}
+    return {"before_after": before_after, "has_before": bool(start), "comparison_models": [labels[m] for m in models],
+            "comparison_rows": rows, "final_retrieval": final_retrieval, "final_from_comparison": this_model is not None}
+
+
+def _training_curve(log_history: list[dict]) -> list[dict]:
+    """Training loss (and validation loss / nDCG@10 where evaluated) per logged step, at most ~20 rows."""
+    by_step: dict[int, dict] = {}
+    for entry in log_history:
+        row = by_step.setdefault(entry.get("step", 0), {"step": entry.get("step", 0), "epoch": float(entry.get("epoch", 0))})
+        if "loss" in entry:
+            row["loss"] = entry["loss"]
+        if "eval_loss" in entry:
+            row["eval_loss"] = entry["eval_loss"]
+        if "eval_ndcg@10" in entry:
+            row["eval_ndcg"] = entry["eval_ndcg@10"]
+    rows = [row for _, row in sorted(by_step.items()) if len(row) > 2]
+    if len(rows) > _CURVE_ROWS:
+        keep = sorted({round(i * (len(rows) - 1) / (_CURVE_ROWS - 1)) for i in range(_CURVE_ROWS)})
+        rows = [rows[i] for i in keep]
+    return rows
+
+
+def _model_index(name: str, final_retrieval: dict[str, float], dataset_name: str) -> list[dict] | None:
+    if not final_retrieval:
+        return None
+    metrics = [{"type": metric.replace("@", "_at_"), "value": round(float(final_retrieval[metric]), 4),
+                "name": _METRIC_LABELS.get(metric, metric)} for metric in _ordered(final_retrieval)]
+    return [{"name": name, "results": [{
+        "task": {"type": "information-retrieval", "name": "Information Retrieval"},
+        "dataset": {"name": dataset_name, "type": dataset_name},
+        "metrics": metrics}]}]
+
+
+def build_card_context(output_dir: str, *, repo_id: str | None = None, datasets: list[str] | None = None) -> dict:
+    """Everything the template shows, from the files in ``output_dir``.
+
+    ``repo_id``: the Hub repo the card is for (the usage example loads it); default: the folder
+    itself. ``datasets``: Hub dataset ids the model was trained on, added to those found in
+    ``training_run.json``.
+    """
+    folder = Path(output_dir)
+    run = _read_json(folder / TRAINING_RUN_FILE) or {}
+    state = _read_json(folder / "trainer_state.json") or {}
+    log_history = state.get("log_history") or []
+    model = _model_details(folder)
+    base_model = run.get("base_model")
+    base_model_id = run.get("base_model_id")
+    evaluations = _evaluations(folder, log_history, base_model)
+    name = (repo_id or folder.resolve().name).rsplit("/", 1)[-1]
+    dataset_ids = sorted({*(run.get("datasets") or []), *(datasets or [])})
+    eval_set = ", ".join(run.get("validation_files") or []) or "held-out set"
+
+    batch = run.get("per_device_train_batch_size")
+    k = run.get("num_hard_negatives")
+    candidates = scored_batch = None
+    if batch and k is not None:
+        world_size = run.get("world_size", 1)
+        scored_batch = batch * world_size if run.get("global_in_batch_negatives") and world_size > 1 else batch
+        exclusive = run.get("hard_negatives_mode") == "exclusive" and k > 0
+        candidates = scored_batch + k if exclusive else scored_batch * (1 + k)
+
+    tags = ["sentence-transformers", "sentence-similarity", "feature-extraction", "generated_from_trainer",
+            "loss:MultipleNegativesRankingLoss"]
+    if run.get("num_train_records"):
+        tags.append(f"dataset_size:{run['num_train_records']}")
+    metadata: dict = {"tags": tags}
+    if base_model_id:
+        metadata["base_model"] = base_model_id
+    if dataset_ids:
+        metadata["datasets"] = dataset_ids
+    metadata["pipeline_tag"] = "sentence-similarity"
+    metadata["library_name"] = "sentence-transformers"
+    model_index = _model_index(name, evaluations["final_retrieval"],
+                               "held-out set" if evaluations["final_from_comparison"] else eval_set)
+    if model_index:
+        metadata["model-index"] = model_index
+
+    return {
+        "metadata": metadata,
+        "name": name,
+        "model_id": repo_id or str(output_dir),
+        "base_model": base_model,
+        "base_model_id": base_model_id,
+        "model": model,
+        "run": run,
+        "dataset_ids": dataset_ids,
+        "eval_set": eval_set,
+        "effective_batch": (batch * run.get("gradient_accumulation_steps", 1) * run.get("world_size", 1)) if batch else None,
+        "candidates": candidates,
+        "scored_batch": scored_batch,
+        "scale": round(1.0 / run["temperature"], 4) if run.get("temperature") else None,
+        "options": run.get("non_default_options") or {},
+        "curve": _training_curve(log_history),
+        **evaluations,
+    }
+
+
+def _to_yaml(value) -> str:
+    return yaml.safe_dump(value, sort_keys=False, allow_unicode=True, default_flow_style=False, width=1000)
+
+
+def _number(value, digits: int = 4) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, float):
+        return f"{value:.{digits}f}"
+    return str(value)
+
+
+def _signed(value) -> str:
+    return "-" if value is None else f"{value:+.4f}"
+
+
+def render_model_card(context: dict) -> str:
+    """The card's Markdown (YAML front matter first) for a context from :func:`build_card_context`."""
+    environment = jinja2.Environment(loader=jinja2.FileSystemLoader(str(TEMPLATE_DIR)), undefined=jinja2.StrictUndefined,
+                                     keep_trailing_newline=True, trim_blocks=True, lstrip_blocks=True, autoescape=False)
+    environment.filters.update(to_yaml=_to_yaml, number=_number, signed=_signed,
+                               basename=lambda path: os.path.basename(str(path).rstrip("/\\")) or str(path),
+                               pystr=lambda text: json.dumps(text, ensure_ascii=False))
+    return environment.get_template(TEMPLATE_NAME).render(**context)
+
+
+def write_model_card(output_dir: str, *, repo_id: str | None = None, datasets: list[str] | None = None) -> str:
+    """Render the card from ``output_dir``'s files into ``output_dir/README.md`` (atomically); returns its path."""
+    text = render_model_card(build_card_context(output_dir, repo_id=repo_id, datasets=datasets))
+    path = Path(output_dir, CARD_FILE)
+    _write_atomically(path, text)
+    return str(path)
