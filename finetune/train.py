@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import sys
 from pathlib import Path
 
@@ -22,7 +23,6 @@ _HERE = Path(__file__).resolve().parent
 sys.path[:] = [entry for entry in sys.path if Path(entry or ".").resolve() != _HERE]
 
 import transformers  # noqa: E402
-from transformers.trainer_utils import get_last_checkpoint  # noqa: E402
 
 from finetune.arguments import DataArguments, EmbeddingTrainingArguments, ModelArguments  # noqa: E402
 from finetune.config import ConfigError, parse_arguments  # noqa: E402
@@ -30,10 +30,10 @@ from finetune.data import (TripletCollator, TripletDataset, check_enough_negativ
                            tokenize_dataset)
 from finetune.evaluation import load_retrieval_set  # noqa: E402
 from finetune.hub import HubPushError, SentenceTransformerHubMixin  # noqa: E402
-from finetune.modeling import EmbeddingModel  # noqa: E402
+from finetune.modeling import EmbeddingModel, ModelLoadError  # noqa: E402
 from finetune.schema import DataFormatError  # noqa: E402
 from finetune.sharing import configure_tracking, share  # noqa: E402
-from finetune.trainer import EmbeddingTrainer  # noqa: E402
+from finetune.trainer import CHECKPOINT_COMPLETE, EmbeddingTrainer, NonFiniteError  # noqa: E402
 
 logger = logging.getLogger("finetune.train")
 
@@ -46,18 +46,51 @@ class OutputDirError(ValueError):
     """The output directory cannot be used as asked."""
 
 
+def last_complete_checkpoint(output_dir: str) -> str | None:
+    """The newest ``checkpoint-N`` holding the completion marker; cut-short ones are skipped with a warning."""
+    checkpoints = sorted((int(match.group(1)), name) for name in os.listdir(output_dir)
+                         if (match := re.fullmatch(r"checkpoint-(\d+)", name)) and os.path.isdir(os.path.join(output_dir, name)))
+    for _step, name in reversed(checkpoints):
+        folder = os.path.join(output_dir, name)
+        if os.path.isfile(os.path.join(folder, CHECKPOINT_COMPLETE)):
+            return folder
+        logger.warning("Skipping %s: it was not completely written (the run was stopped while saving).", folder)
+    return None
+
+
+def check_writable(output_dir: str) -> None:
+    """Fail now, not after hours of training, when the output folder cannot be created or written.
+
+    Probes the folder, or its nearest existing parent when it does not exist yet (creating nothing).
+    """
+    existing = os.path.abspath(output_dir)
+    while not os.path.exists(existing):
+        existing = os.path.dirname(existing)
+    probe = os.path.join(existing, f".write-test-{os.getpid()}")
+    try:
+        if not os.path.isdir(existing):
+            raise NotADirectoryError(20, f"{existing} is a file")
+        with open(probe, "w", encoding="utf-8") as handle:
+            handle.write("ok")
+        os.remove(probe)
+    except OSError as error:
+        raise OutputDirError(f"Output directory {output_dir!r} cannot be written ({error.strerror or error}); "
+                             "choose another --output_dir.") from None
+
+
 def find_resume_checkpoint(training_args: EmbeddingTrainingArguments) -> str | None:
     """The checkpoint to resume from (NeMo's resume_if_exists), or None to start fresh.
 
-    ``--resume_from_checkpoint PATH`` wins; else the last ``checkpoint-*`` in output_dir. A non-empty
+    ``--resume_from_checkpoint PATH`` wins; else the last complete ``checkpoint-*`` in output_dir. A non-empty
     output_dir without checkpoints is refused unless ``--overwrite_output_dir``.
     """
+    output_dir = training_args.output_dir
+    check_writable(output_dir)
     if training_args.resume_from_checkpoint:
         return training_args.resume_from_checkpoint
-    output_dir = training_args.output_dir
     if not os.path.isdir(output_dir):
         return None
-    last = get_last_checkpoint(output_dir)
+    last = last_complete_checkpoint(output_dir)
     if last is not None:
         return last
     if os.listdir(output_dir) and not training_args.overwrite_output_dir:
@@ -88,9 +121,9 @@ def use_all_cores_for_single_cpu_process() -> None:
 def setup_logging(training_args: EmbeddingTrainingArguments) -> None:
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S",
                         handlers=[logging.StreamHandler(sys.stdout)])
-    level = training_args.get_process_log_level()
-    logger.setLevel(level)
-    transformers.utils.logging.set_verbosity(level)
+    # Our own messages at INFO on the main process; transformers keeps its --log_level (default: warnings).
+    logging.getLogger("finetune").setLevel(logging.INFO if training_args.should_log else logging.WARNING)
+    transformers.utils.logging.set_verbosity(training_args.get_process_log_level())
 
 
 def build_datasets(data_args: DataArguments, training_args: EmbeddingTrainingArguments, tokenizer):
@@ -136,6 +169,11 @@ def run(model_args: ModelArguments, data_args: DataArguments, training_args: Emb
     logger.info("Model %s (pooling=%s, normalize=%s); %d training and %d validation queries; %d hard negatives each.",
                 model_args.model_name_or_path, model.pooling, model.normalize, len(train_dataset),
                 len(eval_dataset) if eval_dataset else 0, data_args.num_hard_negatives)
+    logger.info("World size %d x %d queries per device x %d accumulation = %d queries per optimizer step.",
+                training_args.world_size, training_args.per_device_train_batch_size,
+                training_args.gradient_accumulation_steps,
+                training_args.world_size * training_args.per_device_train_batch_size
+                * training_args.gradient_accumulation_steps)
     if resume_from:
         logger.info("Resuming from %s", resume_from)
 
@@ -176,7 +214,7 @@ def cli() -> None:
     """Entry point: bad input ends with one clear message and exit code 2, not a traceback."""
     try:
         main()
-    except (DataFormatError, OutputDirError, ConfigError, FileNotFoundError, HubPushError) as error:
+    except (DataFormatError, OutputDirError, ConfigError, ModelLoadError, NonFiniteError, FileNotFoundError, HubPushError) as error:
         print(f"error: {error}", file=sys.stderr)
         sys.exit(2)
 
