@@ -67,6 +67,11 @@ def parse_arguments(argv: list[str] | None) -> tuple[ModelArguments, DataArgumen
     if parsed[1].validation_file and "--eval_on_start" not in argv:
         # With validation data, evaluate the base model first so the gain is visible (flags may override).
         parsed = _parse(["--eval_on_start", "true"] + argv)
+    _, data_args, training_args = parsed
+    evaluates = str(getattr(training_args.eval_strategy, "value", training_args.eval_strategy)) != "no"
+    if not data_args.validation_file and (evaluates or training_args.load_best_model_at_end):
+        raise ConfigError("--eval_strategy / --load_best_model_at_end need --validation_file (or pass "
+                          "--eval_strategy no).")
     return parsed
 
 

@@ -86,3 +86,8 @@ def test_bad_data_from_the_command_line_is_one_clear_message(tmp_path):
     assert f"{bad}, line 2, field 'question': expected a string, got int 1" in result.stderr
     assert "Traceback" not in result.stderr
     assert not (tmp_path / "out").exists()
+
+
+def test_evaluation_without_validation_data_is_refused_before_training(tmp_path):
+    with pytest.raises(ConfigError, match="need --validation_file"):
+        parse_arguments(["--train_file", "x.jsonl", "--eval_strategy", "steps", "--use_cpu", "true"])
