@@ -14,8 +14,6 @@ from __future__ import annotations
 
 import argparse
 import ast
-import gzip
-import json
 import logging
 import random
 import re
@@ -82,14 +80,6 @@ def deduplicate(pairs: list[dict]) -> list[dict]:
     return unique
 
 
-def write_jsonl_gz(records: list[dict], path: Path) -> None:
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    with gzip.GzipFile(tmp, "wb", mtime=0) as raw:  # mtime=0: byte-identical rebuilds
-        for record in records:
-            raw.write((json.dumps(record, ensure_ascii=False) + "\n").encode("utf-8"))
-    tmp.replace(path)
-
-
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--output_dir", default=str(Path(__file__).parent / "example_data"),
@@ -102,6 +92,7 @@ def main(argv: list[str] | None = None) -> None:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
 
     from data_prep.mining import MiningSettings, mine_negatives
+    from data_prep.records import write_jsonl
     from finetune.arguments import default_model_path
     from finetune.modeling import EmbeddingModel
 
@@ -131,7 +122,7 @@ def main(argv: list[str] | None = None) -> None:
         kept = [record for record in records if record["neg_doc"]]
         logger.info("%s: dropped %d records without a safe negative", split, len(records) - len(kept))
         records = kept
-        write_jsonl_gz(records, output_dir / f"{split}.jsonl.gz")
+        write_jsonl(str(output_dir / f"{split}.jsonl.gz"), records)  # atomic; gzip mtime 0: byte-identical rebuilds
         logger.info("%s: %d records written to %s", split, len(records), output_dir / f"{split}.jsonl.gz")
 
 

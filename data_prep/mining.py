@@ -1,20 +1,37 @@
 """Hard-negative mining: candidates from exact search, filtered for false negatives.
 
-For each question: rank the corpus with an embedding model, keep candidates at ranks
-[range_min, range_max), drop positives and duplicates of positives (same text), drop candidates
-scoring above ``max_score_ratio`` x the positive's score (NV-Retriever's TopK-PercPos) or within
-``margin`` of it, then take ``num_negatives`` from the top (or at random) of what remains.
+For each question: rank the corpus with an embedding model, consider the candidates at ranks
+[range_min, range_max) of that ranking (0 = best; positives count as ranks), drop positives and
+duplicates of positives (same text up to case, spacing and Unicode form), drop candidates scoring
+above the threshold, then take ``num_negatives`` from the top (or at random) of what remains.
+
+The threshold follows NV-Retriever's TopK-PercPos: with ``max_score_ratio`` r, a candidate is dropped
+when it scores above ``positive - |positive| * (1 - r)`` (= r x positive for the usual positive
+score; the absolute value keeps the threshold below the positive when the positive scores below 0,
+as sentence-transformers' ``relative_margin`` does); with ``margin`` m, above ``positive - m``. The
+positive score is the lowest among the question's positives (the strictest threshold).
+
+Memory: the corpus embeddings (fp16 from ``encode_texts``) plus one (query_chunk, corpus_chunk) block
+of scores; mine queries block by block (``query_offset``) to bound the rest.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import numpy as np
 import torch
+from tqdm.auto import tqdm
 
+from data_prep.records import normalized_key
 from finetune.search import chunked_topk
-from finetune.data import text_key
+
+# Why a candidate was not kept: it is a positive; a false-negative filter; already a negative of the record;
+# the same text (up to case and spacing) as a better-ranked candidate that passed.
+REASONS = ("positive", "max_score_ratio", "margin", "existing", "duplicate")
+FILTER_REASONS = ("max_score_ratio", "margin")  # the false-negative filters
+SAMPLING = ("top", "random")
 
 
 @dataclass
@@ -22,10 +39,29 @@ class MiningSettings:
     num_negatives: int = 5
     range_min: int = 0  # candidates ranked below this (0 = best) are skipped
     range_max: int = 50  # candidates from rank range_max on are not considered
-    max_score_ratio: float | None = 0.95  # drop candidates scoring > ratio * positive score
+    max_score_ratio: float | None = 0.95  # drop candidates scoring > positive - |positive| * (1 - ratio)
     margin: float | None = None  # drop candidates scoring > positive score - margin
     sampling: str = "top"  # "top" or "random" among the candidates that pass
     seed: int = 0
+
+    def __post_init__(self):
+        if self.num_negatives < 1:
+            raise ValueError(f"num_negatives must be at least 1, got {self.num_negatives}.")
+        if not 0 <= self.range_min < self.range_max:
+            raise ValueError(f"Need 0 <= range_min < range_max, got range_min={self.range_min}, range_max={self.range_max}.")
+        if self.max_score_ratio is not None and self.max_score_ratio <= 0:
+            raise ValueError(f"max_score_ratio must be > 0 (or None to disable), got {self.max_score_ratio}.")
+        if self.sampling not in SAMPLING:
+            raise ValueError(f"sampling must be one of {SAMPLING}, got {self.sampling!r}.")
+
+    def thresholds(self, positive_score: float) -> dict[str, float]:
+        """Per filter, the score above which a candidate is dropped."""
+        result = {}
+        if self.max_score_ratio is not None:
+            result["max_score_ratio"] = positive_score - abs(positive_score) * (1.0 - self.max_score_ratio)
+        if self.margin is not None:
+            result["margin"] = positive_score - self.margin
+        return result
 
 
 @dataclass
@@ -33,29 +69,38 @@ class MinedQuery:
     """What mining decided for one question: kept negatives and dropped candidates with the reason."""
 
     positive_score: float
+    positive_index: int = -1  # corpus index of the positive that gave positive_score
     kept: list[tuple[int, float]] = field(default_factory=list)  # (corpus index, score)
     dropped: list[tuple[int, float, str]] = field(default_factory=list)  # (corpus index, score, reason)
+    passed: int = 0  # candidates that passed every filter (kept or not needed)
 
 
-def select_negatives(candidates: list[tuple[int, float]], positive_keys: set[int], corpus_keys: list[int],
-                     positive_score: float, settings: MiningSettings, rng: np.random.Generator) -> MinedQuery:
-    """Filter one question's ranked candidates (best first) into kept negatives and dropped ones."""
+def select_negatives(candidates: list[tuple[int, float]], positive_keys: set[int], corpus_keys, positive_score: float,
+                     settings: MiningSettings, rng: np.random.Generator, existing_keys: set[int] = frozenset()) -> MinedQuery:
+    """Filter one question's ranked candidates (best first) into kept negatives and dropped ones.
+
+    ``corpus_keys[i]`` is the duplicate key of corpus text i (``normalized_key``); a candidate whose key
+    is in ``positive_keys`` is a positive, one in ``existing_keys`` is already a negative of the record.
+    """
     result = MinedQuery(positive_score=positive_score)
-    threshold = float("inf")
-    if settings.max_score_ratio is not None:
-        threshold = min(threshold, settings.max_score_ratio * positive_score)
-    if settings.margin is not None:
-        threshold = min(threshold, positive_score - settings.margin)
-    passing = []
+    thresholds = settings.thresholds(positive_score)
+    passing, passing_keys = [], set()
     for rank, (index, score) in enumerate(candidates):
-        if rank < settings.range_min or rank >= settings.range_max:
+        if rank < settings.range_min or rank >= settings.range_max or index < 0:
             continue
-        if corpus_keys[index] in positive_keys:
-            result.dropped.append((index, score, "positive"))
-        elif score > threshold:
-            result.dropped.append((index, score, "above_threshold"))
+        key = corpus_keys[index]
+        reason = "positive" if key in positive_keys else next(
+            (name for name, threshold in thresholds.items() if score > threshold), None)
+        if reason is None and key in existing_keys:
+            reason = "existing"
+        elif reason is None and key in passing_keys:
+            reason = "duplicate"
+        if reason:
+            result.dropped.append((index, score, reason))
         else:
             passing.append((index, score))
+            passing_keys.add(key)
+    result.passed = len(passing)
     if settings.sampling == "random" and len(passing) > settings.num_negatives:
         chosen = sorted(rng.choice(len(passing), settings.num_negatives, replace=False).tolist())
         result.kept = [passing[i] for i in chosen]
@@ -65,18 +110,58 @@ def select_negatives(candidates: list[tuple[int, float]], positive_keys: set[int
 
 
 def mine_negatives(query_emb: torch.Tensor, corpus_emb: torch.Tensor, positive_indices: list[list[int]],
-                   corpus_texts: list[str], settings: MiningSettings, *, corpus_chunk: int = 65536) -> list[MinedQuery]:
-    """Mine every query. Shapes: query_emb (Q, D), corpus_emb (N, D) normalised; positive_indices[q] into the corpus.
+                   corpus_texts: list[str] | None, settings: MiningSettings, *, corpus_chunk: int = 16384,
+                   query_chunk: int = 256, corpus_keys=None, existing_indices: list[list[int]] | None = None,
+                   search: Callable[[torch.Tensor, int], tuple[torch.Tensor, torch.Tensor]] | None = None,
+                   query_offset: int = 0) -> list[MinedQuery]:
+    """Mine every query. Shapes: query_emb (Q, D), corpus_emb (N, D) normalised (fp16 or fp32);
+    positive_indices[q] and existing_indices[q] (the record's current negatives) index the corpus.
 
-    The positive's score is the lowest score among the query's positives (the strictest threshold).
+    ``corpus_keys`` (precomputed ``normalized_key`` of every corpus text) saves hashing the corpus on
+    each call when mining block by block; ``search(query_emb, k)`` replaces the chunked torch search
+    (e.g. ``FaissExactSearch.topk``). Random sampling is seeded per query by (seed, query_offset + q),
+    so the result does not depend on how the queries are split into blocks.
     """
-    corpus_keys = [text_key(text) for text in corpus_texts]
-    scores, indices = chunked_topk(query_emb, corpus_emb, settings.range_max, corpus_chunk=corpus_chunk)
-    rng = np.random.default_rng(settings.seed)
+    if corpus_keys is None:
+        corpus_keys = [normalized_key(text) for text in corpus_texts]
+    if search is None:
+        scores, indices = chunked_topk(query_emb, corpus_emb, settings.range_max, query_chunk=query_chunk,
+                                       corpus_chunk=corpus_chunk)
+    else:
+        scores, indices = search(query_emb, settings.range_max)
+    scores, indices = scores.cpu(), indices.cpu()
     results = []
     for q, positives in enumerate(positive_indices):
-        positive_score = min(float(query_emb[q].float() @ corpus_emb[p].float()) for p in positives)
-        candidates = list(zip(indices[q].tolist(), scores[q].tolist()))
-        results.append(select_negatives(candidates, {corpus_keys[p] for p in positives}, corpus_keys,
-                                        positive_score, settings, rng))
+        # Scored exactly as the search scores candidates (fp32 query . fp32 copy of the stored row).
+        positive_scores = (corpus_emb[positives].float() @ query_emb[q].float().to(corpus_emb.device)).tolist()
+        hardest = int(np.argmin(positive_scores))
+        # Equal scores (e.g. texts equal after the tokenizer's lower-casing) in corpus order: deterministic
+        # whatever order the search returned them in.
+        candidates = sorted(zip(indices[q].tolist(), scores[q].tolist()), key=lambda item: (-item[1], item[0]))
+        existing = {corpus_keys[i] for i in existing_indices[q]} if existing_indices is not None else frozenset()
+        rng = np.random.default_rng((settings.seed, query_offset + q))
+        result = select_negatives(candidates, {corpus_keys[p] for p in positives}, corpus_keys,
+                                  positive_scores[hardest], settings, rng, existing)
+        result.positive_index = positives[hardest]
+        results.append(result)
     return results
+
+
+def encode_texts(model, texts: list[str], *, prefix: str = "", max_length: int | None = None, batch_size: int = 64,
+                 dtype: torch.dtype = torch.float16, desc: str | None = None, progress: bool = True) -> torch.Tensor:
+    """Embeddings of ``texts`` as an (N, D) tensor of ``dtype`` (fp16 halves the corpus' memory).
+
+    Texts are encoded longest first, so each batch holds texts of similar length (little padding), in
+    blocks of 16 batches that are converted as they come: the fp32 copy never exceeds one block.
+    ``model`` is a ``finetune.modeling.EmbeddingModel``.
+    """
+    order = sorted(range(len(texts)), key=lambda i: len(texts[i]), reverse=True)
+    embeddings = torch.empty((len(texts), model.embedding_dimension), dtype=dtype)
+    block = batch_size * 16
+    with tqdm(total=len(texts), desc=desc or "Encoding", unit=" texts", disable=not progress) as bar:
+        for start in range(0, len(texts), block):
+            rows = order[start:start + block]
+            embeddings[rows] = model.encode([texts[i] for i in rows], prefix=prefix, max_length=max_length,
+                                            batch_size=batch_size).to(dtype)
+            bar.update(len(rows))
+    return embeddings

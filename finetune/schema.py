@@ -122,11 +122,14 @@ def _read_text(path: str) -> str:
         raise DataFormatError([RecordProblem(path, "file", None, f"cannot be read: {error}")]) from None
 
 
-def iter_file_records(path: str) -> Iterator[tuple[str, object, str | None]]:
-    """Yield ``(location, parsed_record_or_None, json_error_or_None)`` for every record of one file.
+def iter_raw_records(path: str) -> Iterator[tuple[str, str, object, str | None]]:
+    """Yield ``(location, raw_text, parsed_record_or_None, json_error_or_None)`` for every record of one file.
 
     The format is detected from the first non-blank character: ``[`` means a JSON array,
-    anything else JSON Lines. Blank lines of JSON Lines are skipped.
+    anything else JSON Lines. Blank lines of JSON Lines are skipped. ``raw_text`` is the line as
+    written (JSON Lines), the record re-serialised (JSON array), or the whole file when a JSON
+    array does not parse. Lines end at ``\n`` only: JSON strings may hold raw U+2028 or U+0085,
+    which ``str.splitlines`` would treat as line breaks.
     """
     text = _read_text(path)
     stripped = text.lstrip()
@@ -137,19 +140,36 @@ def iter_file_records(path: str) -> Iterator[tuple[str, object, str | None]]:
             records = json.loads(text)
         except json.JSONDecodeError as error:
             hint = " (the file starts with '[' but is not one JSON array; JSON Lines files hold one object per line)"
-            yield f"line {error.lineno}", None, f"invalid JSON: {error.msg} at column {error.colno}{hint}"
+            yield f"line {error.lineno}", text, None, f"invalid JSON: {error.msg} at column {error.colno}{hint}"
             return
         for index, record in enumerate(records, start=1):
-            yield f"record {index}", record, None
+            yield f"record {index}", json.dumps(record, ensure_ascii=False), record, None
         return
-    for line_number, line in enumerate(text.splitlines(), start=1):
+    for line_number, line in enumerate(text.split("\n"), start=1):
+        line = line.removesuffix("\r")
         if not line.strip():
             continue
         try:
-            yield f"line {line_number}", json.loads(line), None
+            yield f"line {line_number}", line, json.loads(line), None
         except json.JSONDecodeError as error:
             hint = " (a pretty-printed JSON object? JSON Lines needs one object per line)" if line.strip() in "{[" else ""
-            yield f"line {line_number}", None, f"invalid JSON: {error.msg} at column {error.colno}{hint}"
+            yield f"line {line_number}", line, None, f"invalid JSON: {error.msg} at column {error.colno}{hint}"
+
+
+def iter_file_records(path: str) -> Iterator[tuple[str, object, str | None]]:
+    """Yield ``(location, parsed_record_or_None, json_error_or_None)`` for every record of one file (see iter_raw_records)."""
+    for location, _, record, json_error in iter_raw_records(path):
+        yield location, record, json_error
+
+
+def record_problems(path: str, location: str, record, json_error: str | None) -> list[RecordProblem]:
+    """The problems of one record as yielded by ``iter_file_records`` / ``iter_raw_records``."""
+    if json_error:
+        return [RecordProblem(path, location, None, json_error)]
+    return [RecordProblem(path, location, field_name, message) for field_name, message in check_record(record)]
+
+
+EMPTY_FILE = "holds no records (empty file)"
 
 
 def find_problems(files: list[str]) -> list[RecordProblem]:
@@ -157,15 +177,15 @@ def find_problems(files: list[str]) -> list[RecordProblem]:
     problems: list[RecordProblem] = []
     for path in files:
         count = 0
-        for location, record, json_error in iter_file_records(path):
-            count += 1
-            if json_error:
-                problems.append(RecordProblem(path, location, None, json_error))
-                continue
-            problems.extend(RecordProblem(path, location, field_name, message)
-                            for field_name, message in check_record(record))
+        try:
+            for location, record, json_error in iter_file_records(path):
+                count += 1
+                problems.extend(record_problems(path, location, record, json_error))
+        except DataFormatError as unreadable:  # not UTF-8, corrupt gzip: the whole file is one problem
+            problems.extend(unreadable.problems)
+            continue
         if count == 0:
-            problems.append(RecordProblem(path, "file", None, "holds no records (empty file)"))
+            problems.append(RecordProblem(path, "file", None, EMPTY_FILE))
     return problems
 
 
