@@ -173,6 +173,11 @@ def load_retrieval_set(paths: list[str], split: str = "test", extra_corpus: list
         dataset = load_beir_folder(paths[0], split)
     else:
         dataset = retrieval_set_from_records(read_records(paths))
+    return with_extra_corpus(dataset, extra_corpus)
+
+
+def with_extra_corpus(dataset: RetrievalSet, extra_corpus: list[str] | None) -> RetrievalSet:
+    """``dataset`` with the documents of the extra corpus files (see ``read_corpus_file``) added."""
     for path in extra_corpus or []:
         dataset.add_corpus_texts(read_corpus_file(path))
     return dataset

@@ -28,7 +28,7 @@ from finetune.arguments import DataArguments, EmbeddingTrainingArguments, ModelA
 from finetune.config import ConfigError, parse_arguments  # noqa: E402
 from finetune.data import (TripletCollator, TripletDataset, check_enough_negatives, load_raw_dataset,  # noqa: E402
                            tokenize_dataset)
-from finetune.evaluation import load_retrieval_set  # noqa: E402
+from finetune.evaluation import load_retrieval_set, retrieval_set_from_records, with_extra_corpus  # noqa: E402
 from finetune.hub import HubPushError, SentenceTransformerHubMixin  # noqa: E402
 from finetune.modeling import EmbeddingModel, ModelLoadError  # noqa: E402
 from finetune.schema import DataFormatError  # noqa: E402
@@ -151,12 +151,14 @@ def run(model_args: ModelArguments, data_args: DataArguments, training_args: Emb
     resume_from = find_resume_checkpoint(training_args)
     # Validate all data before the model is loaded: a bad record should cost seconds, not GPU time.
     with training_args.main_process_first(desc="data validation"):
-        for files in filter(None, (data_args.train_file, data_args.validation_file)):
-            load_raw_dataset(files)
+        load_raw_dataset(data_args.train_file)
+        raw_validation = load_raw_dataset(data_args.validation_file) if data_args.validation_file else None
     retrieval_set = None
-    if data_args.validation_file:
-        retrieval_set = load_retrieval_set(data_args.eval_retrieval_data or data_args.validation_file,
-                                           extra_corpus=data_args.eval_corpus_file)
+    if data_args.eval_retrieval_data:
+        retrieval_set = load_retrieval_set(data_args.eval_retrieval_data, extra_corpus=data_args.eval_corpus_file)
+    elif raw_validation is not None:  # the validation records just parsed: no second pass over the file
+        retrieval_set = with_extra_corpus(retrieval_set_from_records(raw_validation), data_args.eval_corpus_file)
+    if retrieval_set is not None:
         logger.info("Retrieval evaluation: %d queries over %d documents.", len(retrieval_set.queries),
                     len(retrieval_set.corpus))
     model = EmbeddingModel.from_pretrained(
