@@ -261,7 +261,7 @@ def main(argv: list[str] | None = None) -> dict:
     from finetune.modeling import EmbeddingModel
     from finetune.search import FaissExactSearch
 
-    model = EmbeddingModel.from_pretrained(args.model_name_or_path)
+    model = EmbeddingModel.from_pretrained(args.model_name_or_path, padding_free=True)  # same vectors, no padding work
     if torch.cuda.is_available():
         model.to("cuda")
     corpus_emb = encode_texts(model, corpus_texts, prefix=args.passage_prefix, max_length=args.passage_max_length,

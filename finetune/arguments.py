@@ -18,6 +18,8 @@ EXAMPLE_DATA_DIR = Path(__file__).resolve().parent.parent / "data_prep" / "examp
 EXAMPLE_TRAIN_FILE = str(EXAMPLE_DATA_DIR / "train.jsonl.gz")
 EXAMPLE_VALIDATION_FILE = str(EXAMPLE_DATA_DIR / "validation.jsonl.gz")
 HUB_MINILM = "sentence-transformers/all-MiniLM-L6-v2"
+# transformers' --train_sampling_strategy values that our (epoch, index) samplers implement (finetune.trainer).
+SAMPLING_STRATEGIES = ("random", "group_by_length", "sequential")
 
 
 def default_model_path() -> str:
@@ -44,6 +46,11 @@ class ModelArguments:
         metadata={"help": "L2-normalise embeddings. Default: as the model's SentenceTransformer config says, else True."})
     trust_remote_code: bool = field(
         default=False, metadata={"help": "Allow model repos to run their own Python code. Off unless you trust the repo."})
+    padding_free: bool = field(
+        default=True,
+        metadata={"help": "Run the encoder on the real tokens only (packed; attention per sequence with SDPA), "
+                          "skipping the padding of every batch: same embeddings and gradients, less compute. "
+                          "BERT/RoBERTa/XLM-R encoders; others fall back to padded batches with a log line."})
 
     def __post_init__(self):
         if self.pooling is not None and self.pooling not in POOLING_MODES:
@@ -177,6 +184,9 @@ class EmbeddingTrainingArguments(TrainingArguments):
             raise ValueError(f"--gradcache_mini_batch_size must be >= 1, got {self.gradcache_mini_batch_size}.")
         if self.on_non_finite not in ("stop", "skip"):
             raise ValueError(f"--on_non_finite must be 'stop' or 'skip', got {self.on_non_finite!r}.")
+        if self.train_sampling_strategy not in SAMPLING_STRATEGIES:
+            raise ValueError(f"--train_sampling_strategy {self.train_sampling_strategy} is not supported here; "
+                             f"use one of {SAMPLING_STRATEGIES}.")
         # Our batches are not model kwargs: keep every column, and there are no labels.
         self.remove_unused_columns = False
         self.label_names = []

@@ -24,7 +24,8 @@ from finetune.evaluation import METRIC_NAMES, evaluate_retrieval, load_retrieval
 logger = logging.getLogger("finetune.evaluate")
 
 
-def evaluate_model(model_name_or_path: str, dataset, *, batch_size: int, max_seq_length: int | None) -> dict:
+def evaluate_model(model_name_or_path: str, dataset, *, batch_size: int, max_seq_length: int | None,
+                   show_progress_bar: bool = True) -> dict:
     from sentence_transformers import SentenceTransformer
 
     model = SentenceTransformer(model_name_or_path, device="cuda" if torch.cuda.is_available() else "cpu")
@@ -34,7 +35,7 @@ def evaluate_model(model_name_or_path: str, dataset, *, batch_size: int, max_seq
     def encode(texts: list[str], prompt_name: str) -> torch.Tensor:
         prompt = prompt_name if prompt_name in model.prompts else None
         return model.encode(texts, prompt_name=prompt, batch_size=batch_size, convert_to_tensor=True,
-                            show_progress_bar=True).float().cpu()
+                            show_progress_bar=show_progress_bar).float().cpu()
 
     start = time.perf_counter()
     metrics = evaluate_retrieval(lambda texts: encode(texts, "query"), lambda texts: encode(texts, "document"), dataset)

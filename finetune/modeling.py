@@ -6,14 +6,18 @@ or SentenceTransformer folder/repo and saves a complete SentenceTransformer fold
 
 from __future__ import annotations
 
+import logging
 import os
 
 import torch
 from torch import nn
 from transformers import AutoModel, AutoTokenizer, PreTrainedTokenizerBase
 
+from finetune.packing import PACKED_ATTENTION, encode_packed, position_rule_for, register_packed_attention
 from finetune.pooling import pool
 from finetune.st_layout import read_sentence_transformer_config, write_sentence_transformer_files
+
+logger = logging.getLogger("finetune.modeling")
 
 
 def _load_encoder(model_name_or_path: str, subfolder: str, trust_remote_code: bool) -> nn.Module:
@@ -45,17 +49,65 @@ class ModelLoadError(ValueError):
                          "Give a folder with config.json, the weights and the tokenizer files, or a Hub model id.")
 
 
+def enable_padding_free(encoder: nn.Module) -> str | None:
+    """Switch the encoder to packed attention when supported and verified; returns its position rule or None.
+
+    The check runs a small batch of unequal lengths both ways (eval mode, no grad) and keeps the
+    padded path, with a warning, if they disagree. Skipped under ZeRO-3, whose weights are not
+    materialised at load time.
+    """
+    rule = position_rule_for(encoder)
+    if rule is None:
+        logger.info("Padding-free encoding is not available for model type %r: using padded batches.",
+                    getattr(encoder.config, "model_type", None))
+        return None
+    original = encoder.config._attn_implementation
+    register_packed_attention()
+    try:
+        encoder.set_attn_implementation(PACKED_ATTENTION)
+    except (ValueError, NotImplementedError, AttributeError) as error:
+        logger.info("Padding-free encoding cannot be enabled for this model (%s): using padded batches.", error)
+        return None
+    from transformers.integrations import is_deepspeed_zero3_enabled
+
+    if is_deepspeed_zero3_enabled():
+        return rule
+    was_training = encoder.training
+    encoder.eval()
+    generator = torch.Generator().manual_seed(0)
+    vocab = min(encoder.config.vocab_size, 1000)
+    input_ids = torch.randint(5, vocab, (3, 9), generator=generator)
+    attention_mask = torch.tensor([[1] * 9, [1] * 4 + [0] * 5, [1] * 7 + [0] * 2])
+    device = next(encoder.parameters()).device
+    input_ids, attention_mask = input_ids.to(device), attention_mask.to(device)
+    with torch.no_grad():
+        padded = encoder(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state.float()
+        packed = encode_packed(encoder, input_ids, attention_mask, rule).float()
+    encoder.train(was_training)
+    difference = ((padded - packed) * attention_mask[..., None]).abs().max().item()
+    if not difference < 1e-3 * max(1.0, padded.abs().max().item()):
+        encoder.set_attn_implementation(original)
+        logger.warning("Padding-free encoding disagrees with the padded forward for this model (max difference "
+                       "%.2e): using padded batches.", difference)
+        return None
+    return rule
+
+
 class EmbeddingModel(nn.Module):
     """Encoder + pooling (+ normalisation), with the metadata needed to save a SentenceTransformer.
 
     ``query_prefix``/``passage_prefix`` and ``max_seq_length`` are only written on save; the
     data pipeline applies prefixes and truncation before tokens reach ``forward``.
+    ``padding_free``: run the encoder on real tokens only (``finetune.packing``) when the model
+    supports it; the embeddings are the same as with padded batches.
     """
 
     def __init__(self, encoder: nn.Module, tokenizer: PreTrainedTokenizerBase, *, pooling: str, normalize: bool,
-                 query_prefix: str = "", passage_prefix: str = "", max_seq_length: int = 512):
+                 query_prefix: str = "", passage_prefix: str = "", max_seq_length: int = 512,
+                 padding_free: bool = False):
         super().__init__()
         self.encoder = encoder
+        self.position_rule = enable_padding_free(encoder) if padding_free else None
         self.tokenizer = tokenizer
         self.pooling = pooling
         self.normalize = normalize
@@ -65,7 +117,8 @@ class EmbeddingModel(nn.Module):
 
     @classmethod
     def from_pretrained(cls, model_name_or_path: str, *, pooling: str | None = None, normalize: bool | None = None,
-                        trust_remote_code: bool = False, **metadata) -> "EmbeddingModel":
+                        trust_remote_code: bool = False, padding_free: bool = False,
+                        **metadata) -> "EmbeddingModel":
         """Load an HF encoder or a SentenceTransformer; ``None`` options come from its ST config.
 
         Defaults for a plain HF encoder: mean pooling with normalisation.
@@ -89,7 +142,7 @@ class EmbeddingModel(nn.Module):
                 "(tokenizer.json / vocab files missing?)"))
         pooling = pooling or st.pooling or "mean"
         normalize = normalize if normalize is not None else (st.normalize if st.normalize is not None else True)
-        return cls(encoder, tokenizer, pooling=pooling, normalize=normalize, **metadata)
+        return cls(encoder, tokenizer, pooling=pooling, normalize=normalize, padding_free=padding_free, **metadata)
 
     @property
     def config(self):
@@ -102,7 +155,10 @@ class EmbeddingModel(nn.Module):
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         """Shapes: input_ids, attention_mask (B, T) -> embeddings (B, D)."""
-        token_emb = self.encoder(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state  # (B, T, D)
+        if self.position_rule is not None:
+            token_emb = encode_packed(self.encoder, input_ids, attention_mask, self.position_rule)  # (B, T, D)
+        else:
+            token_emb = self.encoder(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
         return pool(token_emb, attention_mask, self.pooling, self.normalize)
 
     def gradient_checkpointing_enable(self, gradient_checkpointing_kwargs: dict | None = None) -> None:

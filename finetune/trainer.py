@@ -14,7 +14,7 @@ import shutil
 import torch
 from transformers import Trainer
 
-from finetune.data import EpochShuffleSampler
+from finetune.data import EpochShuffleSampler, LengthGroupedEpochSampler, example_lengths
 from finetune.distributed import encode_sharded, gather_rows, world
 from finetune.evaluation import RetrievalSet, evaluate_retrieval
 from finetune.gradcache import backward_through_chunks, embed_without_graph
@@ -173,8 +173,18 @@ class EmbeddingTrainer(Trainer):
                                   encoder(model.passage_prefix, self.passage_max_length), self.retrieval_set)
 
     def _get_train_sampler(self, train_dataset=None):
+        """``--train_sampling_strategy``: random (default), group_by_length, or sequential (``(epoch, index)`` keys)."""
         dataset = train_dataset if train_dataset is not None else self.train_dataset
         seed = self.args.data_seed if self.args.data_seed is not None else self.args.seed
+        strategy = self.args.train_sampling_strategy
+        if strategy == "group_by_length":
+            return LengthGroupedEpochSampler(example_lengths(dataset.tokenized), self.args.per_device_train_batch_size,
+                                             seed=seed)
+        if strategy == "sequential":
+            return EpochShuffleSampler(len(dataset), seed=seed, shuffle=False)
+        if strategy != "random":
+            raise ValueError(f"--train_sampling_strategy {strategy} is not supported here; "
+                             "use random, group_by_length or sequential.")
         return EpochShuffleSampler(len(dataset), seed=seed)
 
     def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:

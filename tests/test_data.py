@@ -232,3 +232,36 @@ def test_collator_pads_to_multiple(tmp_path, tokenizer):
     dataset = dataset_with_negatives(tmp_path, tokenizer, [1, 1], k=1)
     batch = TripletCollator(tokenizer, pad_to_multiple_of=8)([dataset[0], dataset[1]])
     assert batch["doc_input_ids"].shape[1] % 8 == 0 and batch["query_input_ids"].shape[1] % 8 == 0
+
+
+def test_length_grouped_sampler_groups_lengths_and_keeps_every_example_once():
+    import random
+
+    from finetune.data import EpochShuffleSampler, LengthGroupedEpochSampler
+
+    rng = random.Random(0)
+    lengths = [rng.randint(5, 300) for _ in range(1000)]
+    sampler = LengthGroupedEpochSampler(lengths, batch_size=10, seed=3, mega_batches=20)
+    keys = list(sampler)
+    assert sorted(index for _, index in keys) == list(range(1000))
+    assert {epoch for epoch, _ in keys} == {0}
+    def mean_spread(order):  # average (max - min) length inside consecutive batches of 10
+        batches = [order[i:i + 10] for i in range(0, len(order), 10)]
+        return sum(max(lengths[i] for i in b) - min(lengths[i] for i in b) for b in batches) / len(batches)
+    grouped = mean_spread([index for _, index in keys])
+    shuffled = mean_spread([index for _, index in EpochShuffleSampler(1000, seed=3)])
+    assert grouped < shuffled / 5
+    sampler.set_epoch(1)
+    assert [index for _, index in sampler] != [index for _, index in keys]  # a new order each epoch
+    assert list(LengthGroupedEpochSampler(lengths, 10, seed=3, mega_batches=20)) == keys  # deterministic
+
+
+def test_example_lengths_are_question_plus_first_positive(tokenizer, train_file):
+    from finetune.data import example_lengths, load_raw_dataset, tokenize_dataset
+
+    tokenized = tokenize_dataset(load_raw_dataset([train_file]), tokenizer, query_max_length=32,
+                                 passage_max_length=64)
+    expected = [len(row["query_input_ids"]) + len(row["pos_input_ids"][0]) for row in tokenized]
+    assert example_lengths(tokenized) == expected
+    subset = tokenized.select([3, 1])
+    assert example_lengths(subset) == [expected[3], expected[1]]

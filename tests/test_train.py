@@ -8,6 +8,7 @@ import torch
 from safetensors.torch import load_file
 
 from finetune import train
+from finetune.config import ConfigError
 from finetune.modeling import EmbeddingModel
 
 TEXTS = ["alpha beta gamma river", "python function returns list", "query document passage"]
@@ -93,3 +94,17 @@ def test_evaluation_during_training_logs_retrieval_metrics_and_keeps_the_best(ti
     final = load_file(str(output_dir / "model.safetensors"))
     assert all(torch.equal(best[key], final[key]) for key in best)
     assert metrics["eval_ndcg@10"] == pytest.approx(state["best_metric"])
+
+
+def test_padded_and_padding_free_training_agree_and_group_by_length_trains(tiny_bert_without_dropout, train_file,
+                                                                          tmp_path):
+    """Two steps with --padding_free true/false give the same weights (dropout off); group_by_length runs."""
+    runs = {}
+    for name, extra in {"packed": ("--padding_free", "true"), "padded": ("--padding_free", "false"),
+                        "grouped": ("--train_sampling_strategy", "group_by_length")}.items():
+        train.main(run_args(tiny_bert_without_dropout, train_file, tmp_path / name, "--max_steps", "2", *extra))
+        runs[name] = load_file(str(tmp_path / name / "model.safetensors"))
+    assert max((runs["packed"][k] - runs["padded"][k]).abs().max().item() for k in runs["packed"]) < 1e-5
+    with pytest.raises(ConfigError, match="train_sampling_strategy batch_rebalance is not supported"):
+        train.main(run_args(tiny_bert_without_dropout, train_file, tmp_path / "rebalance", "--max_steps", "1",
+                            "--train_sampling_strategy", "batch_rebalance"))

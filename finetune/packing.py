@@ -1,0 +1,177 @@
+"""Padding-free encoding: run the encoder on the real tokens only, attention per sequence.
+
+A padded batch ``(B, T)`` whose rows hold ``n_i <= T`` real tokens costs ``B * T`` tokens in
+every dense layer, although only ``N = sum(n_i)`` of them matter. Here the real tokens are packed
+into one row ``(1, N)``; the encoder's own modules run unchanged on it (so DDP, DeepSpeed ZeRO,
+FSDP unit wrapping and gradient checkpointing see the usual module calls), and only the attention
+is swapped for ``packed_attention``, which re-pads the packed queries/keys/values into a few
+groups of similar length and calls SDPA per group with a key mask. Results equal the padded
+forward up to float rounding; gradients too. Dropout draws different (equally distributed) masks.
+
+Only encoders whose attention goes through transformers' attention interface and whose position
+ids we can reproduce are supported (``PADDING_FREE_MODEL_TYPES``); ``enable_padding_free`` checks
+the packed forward against the padded one on a small batch before it is used.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+logger = logging.getLogger("finetune.packing")
+
+PACKED_ATTENTION = "finetune_packed_sdpa"
+# model_type -> how HF numbers the positions of real tokens: "row" = index in the padded row
+# (BERT's absolute positions), "count" = padding_idx + 1 + index among real tokens (RoBERTa family).
+PADDING_FREE_MODEL_TYPES = {"bert": "row", "roberta": "count", "xlm-roberta": "count", "camembert": "count"}
+MAX_ATTENTION_GROUPS = 8
+MIN_GROUP_SIZE = 4
+
+
+@dataclass
+class AttentionGroup:
+    """Sequences of similar length re-padded together for attention.
+
+    ``gather``: (G * L,) indices into the packed tokens (padding slots point at token 0 and are masked);
+    ``key_mask``: (G, 1, 1, L) bool, True for real keys, or None when all G sequences have length L;
+    ``real_slots``: (n,) positions of the real tokens in the flattened (G * L) group.
+    """
+
+    gather: torch.Tensor
+    key_mask: torch.Tensor | None
+    real_slots: torch.Tensor
+    num_sequences: int
+    length: int
+
+
+@dataclass
+class PackedLayout:
+    """Where each packed token came from and how attention regroups it.
+
+    ``token_index``: (N,) flat indices into the padded ``B * T`` batch, row-major;
+    ``restore``: (N,) order that turns the concatenated group outputs back into packed order.
+    """
+
+    token_index: torch.Tensor
+    batch_size: int
+    seq_len: int
+    groups: list[AttentionGroup]
+    restore: torch.Tensor
+
+
+def _attention_groups(lengths: torch.Tensor, starts: torch.Tensor) -> tuple[list[AttentionGroup], torch.Tensor]:
+    """Split sequences (sorted by length) into at most MAX_ATTENTION_GROUPS groups of similar length."""
+    device = lengths.device
+    order = torch.argsort(lengths, stable=True).tolist()
+    lengths_list, starts_list = lengths.tolist(), starts.tolist()
+    num_groups = max(1, min(MAX_ATTENTION_GROUPS, len(order) // MIN_GROUP_SIZE))
+    bounds = [round(i * len(order) / num_groups) for i in range(num_groups + 1)]
+    groups, packed_positions = [], []
+    for first, last in zip(bounds[:-1], bounds[1:]):
+        members = order[first:last]
+        length = max(lengths_list[i] for i in members)
+        gather, real_slots, valid = [], [], []
+        for row, seq in enumerate(members):
+            n, start = lengths_list[seq], starts_list[seq]
+            gather.extend(range(start, start + n))
+            gather.extend([0] * (length - n))
+            real_slots.extend(range(row * length, row * length + n))
+            valid.append([True] * n + [False] * (length - n))
+            packed_positions.extend(range(start, start + n))
+        uniform = all(lengths_list[i] == length for i in members)
+        key_mask = None if uniform else torch.tensor(valid, device=device)[:, None, None, :]
+        groups.append(AttentionGroup(torch.tensor(gather, device=device), key_mask,
+                                     torch.tensor(real_slots, device=device), len(members), length))
+    restore = torch.empty(len(packed_positions), dtype=torch.long)
+    restore[torch.tensor(packed_positions, dtype=torch.long)] = torch.arange(len(packed_positions))
+    return groups, restore.to(device)
+
+
+def pack(input_ids: torch.Tensor, attention_mask: torch.Tensor, position_rule: str,
+         padding_idx: int = 0) -> tuple[torch.Tensor, torch.Tensor, PackedLayout]:
+    """Padded ``(B, T)`` ids and mask -> packed ids ``(1, N)``, position ids ``(1, N)`` and the layout.
+
+    Real tokens may sit anywhere in a row (left or right padding); their order is kept.
+    """
+    batch_size, seq_len = input_ids.shape
+    real = attention_mask.bool()
+    token_index = real.reshape(-1).nonzero().squeeze(1)  # (N,)
+    if position_rule == "row":
+        positions = torch.arange(seq_len, device=input_ids.device).expand(batch_size, seq_len)
+    elif position_rule == "count":
+        positions = torch.cumsum(real.long(), dim=1) + padding_idx
+    else:
+        raise ValueError(f"Unknown position rule {position_rule!r}.")
+    packed_ids = input_ids.reshape(-1)[token_index].unsqueeze(0)
+    position_ids = positions.reshape(-1)[token_index].unsqueeze(0)
+    lengths = real.sum(dim=1)  # (B,)
+    starts = torch.cumsum(lengths, dim=0) - lengths
+    groups, restore = _attention_groups(lengths, starts)
+    return packed_ids, position_ids, PackedLayout(token_index, batch_size, seq_len, groups, restore)
+
+
+def unpack(packed: torch.Tensor, layout: PackedLayout) -> torch.Tensor:
+    """Packed token states ``(N, D)`` -> padded ``(B, T, D)`` with zeros at padding."""
+    padded = packed.new_zeros(layout.batch_size * layout.seq_len, packed.shape[-1])
+    return padded.index_copy(0, layout.token_index, packed).view(layout.batch_size, layout.seq_len, -1)
+
+
+def packed_attention(module: nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                     attention_mask: torch.Tensor | None, dropout: float = 0.0, scaling: float | None = None,
+                     **kwargs) -> tuple[torch.Tensor, None]:
+    """transformers attention-interface function; shapes: query/key/value (1, H, N, d) -> (1, N, H, d).
+
+    Without a ``packed_layout`` keyword (an ordinary padded call) it is plain SDPA, so a model
+    switched to it still works for any caller.
+    """
+    layout: PackedLayout | None = kwargs.pop("packed_layout", None)
+    if layout is None:
+        from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
+                                      **kwargs)
+    heads, head_dim = query.shape[1], query.shape[3]
+    q, k, v = (tensor[0].transpose(0, 1) for tensor in (query, key, value))  # (N, H, d)
+    outputs = []
+    for group in layout.groups:
+        def regroup(tokens: torch.Tensor) -> torch.Tensor:  # (N, H, d) -> (G, H, L, d)
+            return tokens.index_select(0, group.gather).view(group.num_sequences, group.length, heads,
+                                                             head_dim).transpose(1, 2)
+        out = F.scaled_dot_product_attention(regroup(q), regroup(k), regroup(v), attn_mask=group.key_mask,
+                                             dropout_p=dropout, scale=scaling)  # (G, H, L, d)
+        out = out.transpose(1, 2).reshape(group.num_sequences * group.length, heads, head_dim)
+        outputs.append(out.index_select(0, group.real_slots))
+    merged = torch.cat(outputs).index_select(0, layout.restore)  # (N, H, d) in packed order
+    return merged.unsqueeze(0), None
+
+
+def register_packed_attention() -> None:
+    """Make ``PACKED_ATTENTION`` a valid ``attn_implementation`` (padded calls get SDPA's masks)."""
+    from transformers import AttentionInterface
+    from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+
+    AttentionInterface.register(PACKED_ATTENTION, packed_attention)
+    AttentionMaskInterface.register(PACKED_ATTENTION, sdpa_mask)
+
+
+def position_rule_for(encoder: nn.Module) -> str | None:
+    """The position rule for this encoder, or None when padding-free encoding is not supported."""
+    config = getattr(encoder, "config", None)
+    if config is None or getattr(config, "is_decoder", False):
+        return None
+    if getattr(config, "position_embedding_type", "absolute") not in ("absolute", None):
+        return None
+    return PADDING_FREE_MODEL_TYPES.get(getattr(config, "model_type", None))
+
+
+def encode_packed(encoder: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                  position_rule: str) -> torch.Tensor:
+    """Token states ``(B, T, D)`` (zeros at padding) computed on the real tokens only."""
+    padding_idx = getattr(encoder.config, "pad_token_id", 0) or 0
+    packed_ids, position_ids, layout = pack(input_ids, attention_mask, position_rule, padding_idx)
+    hidden = encoder(input_ids=packed_ids, position_ids=position_ids, packed_layout=layout).last_hidden_state
+    return unpack(hidden[0], layout)

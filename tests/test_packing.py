@@ -1,0 +1,130 @@
+"""Padding-free encoding (finetune.packing) against the encoder's own padded forward."""
+
+import copy
+
+import pytest
+import torch
+from transformers import BertConfig, BertModel, RobertaConfig, RobertaModel
+
+from finetune import packing
+from finetune.modeling import EmbeddingModel, enable_padding_free
+
+
+def random_batch(batch_size=11, seq_len=17, vocab=200, seed=0, padding_side="right"):
+    generator = torch.Generator().manual_seed(seed)
+    lengths = torch.randint(1, seq_len + 1, (batch_size,), generator=generator)
+    lengths[0] = seq_len
+    positions = torch.arange(seq_len)[None]
+    if padding_side == "right":
+        mask = (positions < lengths[:, None]).long()
+    else:
+        mask = (positions >= seq_len - lengths[:, None]).long()
+    input_ids = torch.randint(5, vocab, (batch_size, seq_len), generator=generator) * mask
+    return input_ids, mask
+
+
+def tiny_encoder(kind: str, dropout: float = 0.0):
+    torch.manual_seed(0)
+    common = dict(vocab_size=200, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64,
+                  hidden_dropout_prob=dropout, attention_probs_dropout_prob=dropout, max_position_embeddings=64)
+    if kind == "bert":
+        return BertModel(BertConfig(**common), add_pooling_layer=False)
+    return RobertaModel(RobertaConfig(pad_token_id=1, **common), add_pooling_layer=False)
+
+
+def masked(states, mask):
+    return states * mask[..., None]
+
+
+def test_pack_and_unpack_round_trip_keeps_real_tokens_in_order():
+    input_ids, mask = random_batch(padding_side="left")
+    packed_ids, position_ids, layout = packing.pack(input_ids, mask, "row")
+    assert packed_ids.shape == (1, int(mask.sum()))
+    assert packed_ids[0].tolist() == input_ids[mask.bool()].tolist()
+    # BERT numbers positions by their index in the padded row, left padding included.
+    assert position_ids[0].tolist() == torch.arange(17).expand(11, 17)[mask.bool()].tolist()
+    restored = packing.unpack(packed_ids[0, :, None].float(), layout)[..., 0]
+    assert torch.equal(restored.long(), input_ids * mask)
+    # every packed token appears exactly once over the attention groups
+    slots = torch.cat([group.gather[group.real_slots] for group in layout.groups])
+    assert sorted(slots.tolist()) == list(range(packed_ids.shape[1]))
+    assert torch.equal(slots[layout.restore], torch.arange(packed_ids.shape[1]))
+
+
+def test_roberta_positions_count_real_tokens_from_padding_idx():
+    input_ids, mask = random_batch(padding_side="right")
+    _, position_ids, _ = packing.pack(input_ids, mask, "count", padding_idx=1)
+    from transformers.models.roberta.modeling_roberta import RobertaEmbeddings
+
+    expected = RobertaEmbeddings.create_position_ids_from_input_ids(torch.where(mask.bool(), input_ids, 1), 1)
+    assert position_ids[0].tolist() == expected[mask.bool()].tolist()
+
+
+@pytest.mark.parametrize("kind, padding_side", [("bert", "right"), ("bert", "left"), ("roberta", "right")])
+def test_packed_forward_and_gradients_equal_padded(kind, padding_side):
+    padded_model = tiny_encoder(kind)
+    packed_model = copy.deepcopy(padded_model)
+    rule = enable_padding_free(packed_model)
+    assert rule == packing.PADDING_FREE_MODEL_TYPES[kind]
+    input_ids, mask = random_batch(padding_side=padding_side, seed=3)
+    if kind == "roberta":
+        input_ids = torch.where(mask.bool(), input_ids.clamp(min=2), 1)
+    padded_model.train(), packed_model.train()  # dropout is 0: train mode must still agree
+    reference = masked(padded_model(input_ids=input_ids, attention_mask=mask).last_hidden_state, mask)
+    result = packing.encode_packed(packed_model, input_ids, mask, rule)
+    torch.testing.assert_close(result, reference, atol=1e-5, rtol=1e-5)
+    weights = torch.randn_like(reference)
+    (reference * weights).sum().backward()
+    (result * weights).sum().backward()
+    for (name, a), (_, b) in zip(padded_model.named_parameters(), packed_model.named_parameters()):
+        torch.testing.assert_close(b.grad, a.grad, atol=1e-5, rtol=1e-4, msg=name)
+
+
+def test_packed_attention_is_per_sequence():
+    """A token must not see other sequences: changing one row leaves the others' states unchanged."""
+    model = tiny_encoder("bert")
+    rule = enable_padding_free(model)
+    input_ids, mask = random_batch(seed=5)
+    before = packing.encode_packed(model, input_ids, mask, rule)
+    changed = input_ids.clone()
+    changed[0, :5] = 7
+    after = packing.encode_packed(model, changed, mask, rule)
+    torch.testing.assert_close(after[1:], before[1:], atol=1e-6, rtol=0)
+    assert (after[0] - before[0]).abs().max() > 1e-3
+
+
+def test_unsupported_model_falls_back_to_padded():
+    encoder = tiny_encoder("bert")
+    encoder.config.model_type = "not-a-known-encoder"
+    assert enable_padding_free(encoder) is None
+    assert encoder.config._attn_implementation != packing.PACKED_ATTENTION
+
+
+def test_a_disagreeing_packed_forward_is_refused(monkeypatch, caplog):
+    """The load-time self-check keeps the padded path when the packed one gives other results."""
+    encoder = tiny_encoder("bert")
+    original = encoder.config._attn_implementation
+    real_encode = packing.encode_packed
+
+    def broken(*args, **kwargs):
+        return real_encode(*args, **kwargs) + 1.0
+
+    monkeypatch.setattr("finetune.modeling.encode_packed", broken)
+    assert enable_padding_free(encoder) is None
+    assert encoder.config._attn_implementation == original
+    assert "disagrees" in caplog.text
+
+
+def test_padding_free_model_matches_sentence_transformers(tiny_bert, tmp_path):
+    """Embeddings of the padding-free EmbeddingModel == SentenceTransformer's encode of the saved folder."""
+    from sentence_transformers import SentenceTransformer
+
+    model = EmbeddingModel.from_pretrained(tiny_bert, padding_free=True)
+    assert model.position_rule == "row"
+    texts = ["alpha beta", "a much longer text about rivers mountains and forests in the valley", "x"]
+    ours = model.encode(texts)
+    model.save_pretrained(str(tmp_path / "saved"))
+    config_text = (tmp_path / "saved" / "config.json").read_text()
+    assert packing.PACKED_ATTENTION not in config_text  # the saved model is an ordinary one
+    theirs = SentenceTransformer(str(tmp_path / "saved"), device="cpu").encode(texts, convert_to_tensor=True)
+    torch.testing.assert_close(ours, theirs, atol=1e-5, rtol=1e-4)
