@@ -8,9 +8,11 @@ arguments at all, the default job's recipe (``recipes/example.yaml``) is used.
 from __future__ import annotations
 
 import json
+import os
 import sys
 from pathlib import Path
 
+import torch
 import yaml
 from transformers import HfArgumentParser
 
@@ -48,6 +50,28 @@ def recipe_to_flags(path: str) -> list[str]:
     return flags
 
 
+def _env_flag(name: str) -> bool:
+    return os.environ.get(name, "false").lower() in ("1", "true", "yes")
+
+
+def launch_defaults() -> list[str]:
+    """Flags that the launch environment calls for; they go first, so recipes and the command line override them.
+
+    DeepSpeed from ``accelerate launch`` on several processes without CUDA: with no backend named,
+    accelerate starts DeepSpeed's process group but counts a single process, and DeepSpeed then
+    rejects the batch size ("train_batch_size ... 4 != 4 * 1 * 2"). ``--ddp_backend gloo`` makes the
+    Trainer's accelerate state count every process. GPU launches get nothing.
+    """
+    if not _env_flag("ACCELERATE_USE_DEEPSPEED"):
+        return []
+    if _env_flag("ACCELERATE_USE_CPU"):
+        raise ConfigError("ACCELERATE_USE_CPU=true turns DeepSpeed off silently (accelerate then trains with plain "
+                          "data parallelism); unset it. Without CUDA, DeepSpeed runs on the CPU anyway.")
+    if torch.cuda.is_available() or int(os.environ.get("WORLD_SIZE", "1")) < 2:
+        return []
+    return ["--ddp_backend", "gloo"]
+
+
 def build_parser() -> HfArgumentParser:
     # No abbreviations: a misspelt recipe key must be an error, not silently another option.
     return HfArgumentParser((ModelArguments, DataArguments, EmbeddingTrainingArguments), allow_abbrev=False)
@@ -56,13 +80,15 @@ def build_parser() -> HfArgumentParser:
 def parse_arguments(argv: list[str] | None) -> tuple[ModelArguments, DataArguments, EmbeddingTrainingArguments]:
     """Parse ``[recipe_file] [--flag value ...]`` into the three argument dataclasses.
 
-    No arguments at all means the default job: the recipe ``recipes/example.yaml``.
+    No arguments at all means the default job: the recipe ``recipes/example.yaml``. The launcher's
+    defaults (``launch_defaults``) come before the recipe's flags, which come before the command line's.
     """
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv:
         argv = [DEFAULT_RECIPE]
     if argv and argv[0].endswith(RECIPE_SUFFIXES) and not argv[0].startswith("-"):
         argv = recipe_to_flags(argv[0]) + argv[1:]
+    argv = launch_defaults() + argv
     parsed = _parse(argv)
     if parsed[1].validation_file and "--eval_on_start" not in argv:
         # With validation data, evaluate the base model first so the gain is visible (flags may override).

@@ -25,7 +25,7 @@ sys.path[:] = [entry for entry in sys.path if Path(entry or ".").resolve() != _H
 import transformers  # noqa: E402
 
 from finetune.arguments import DataArguments, EmbeddingTrainingArguments, ModelArguments  # noqa: E402
-from finetune.config import ConfigError, parse_arguments  # noqa: E402
+from finetune.config import ConfigError, launch_defaults, parse_arguments  # noqa: E402
 from finetune.data import (TripletCollator, TripletDataset, check_enough_negatives, load_raw_dataset,  # noqa: E402
                            tokenize_dataset)
 from finetune.evaluation import load_retrieval_set, retrieval_set_from_records, with_extra_corpus  # noqa: E402
@@ -148,6 +148,9 @@ def run(model_args: ModelArguments, data_args: DataArguments, training_args: Emb
     """Train, save and evaluate; returns the final metrics (train and, if any, validation)."""
     setup_logging(training_args)
     use_all_cores_for_single_cpu_process()
+    if launch_defaults():
+        logger.info("DeepSpeed without CUDA on %d processes: process group backend %s (see config.launch_defaults).",
+                    training_args.world_size, training_args.ddp_backend)
     resume_from = find_resume_checkpoint(training_args)
     # Validate all data before the model is loaded: a bad record should cost seconds, not GPU time.
     with training_args.main_process_first(desc="data validation"):

@@ -1,4 +1,4 @@
-"""Shared fixtures: a tiny BERT built offline, and small seed-format data files.
+"""Shared fixtures and helpers: a tiny BERT built offline, small seed-format data files, a 2-process launcher.
 
 Environment settings come first: thread oversubscription makes tiny models 10x slower, and
 nothing may reach the Hugging Face Hub.
@@ -14,11 +14,17 @@ os.environ.setdefault("HF_DATASETS_DISABLE_PROGRESS_BARS", "1")
 
 import json  # noqa: E402
 import random  # noqa: E402
+import shutil  # noqa: E402
+import subprocess  # noqa: E402
+import sys  # noqa: E402
+from pathlib import Path  # noqa: E402
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
 torch.set_num_threads(1)
+
+ROOT = Path(__file__).resolve().parent.parent
 
 WORDS = ("alpha beta gamma delta epsilon zeta eta theta iota kappa lambda mu nu xi omicron pi rho sigma tau "
          "upsilon phi chi psi omega river mountain forest ocean desert valley city village castle bridge "
@@ -79,6 +85,29 @@ def build_tiny_bert(directory: str, padding_side: str = "right") -> str:
 def tiny_bert(tmp_path_factory) -> str:
     """Path of a tiny BERT folder (HF layout, no SentenceTransformer files). Treat as read-only."""
     return build_tiny_bert(str(tmp_path_factory.mktemp("tiny_bert")))
+
+
+@pytest.fixture(scope="session")
+def tiny_bert_without_dropout(tiny_bert, tmp_path_factory) -> str:
+    """The tiny BERT with dropout off, so that two runs can agree to the last bit."""
+    from transformers import BertConfig
+
+    folder = tmp_path_factory.mktemp("tiny_bert_no_dropout")
+    shutil.copytree(tiny_bert, folder, dirs_exist_ok=True)
+    config = BertConfig.from_pretrained(folder)
+    config.hidden_dropout_prob = config.attention_probs_dropout_prob = 0.0
+    config.save_pretrained(folder)
+    return str(folder)
+
+
+def launch_two_processes(script_args, config="cpu_multi_process.yaml", timeout=600):
+    """``accelerate launch`` with ``accelerate_configs/<config>`` from the repo root (configs name paths from it)."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    accelerate = str(Path(sys.executable).parent / "accelerate")
+    result = subprocess.run([accelerate, "launch", "--config_file", str(ROOT / "accelerate_configs" / config),
+                             *script_args], capture_output=True, text=True, timeout=timeout, env=env, cwd=ROOT)
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-4000:]
+    return result
 
 
 @pytest.fixture(scope="session")

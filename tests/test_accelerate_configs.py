@@ -13,7 +13,7 @@ DEEPSPEED = sorted((ROOT / "accelerate_configs").glob("ds_*.json"))
 def test_expected_configs_exist():
     names = {path.stem for path in CONFIGS}
     assert {"single_gpu", "multi_gpu", "multi_node", "deepspeed_zero2", "deepspeed_zero3", "deepspeed_zero3_offload",
-            "fsdp", "cpu_multi_process"} <= names
+            "fsdp", "cpu_multi_process", "cpu_deepspeed_zero2", "cpu_deepspeed_zero3"} <= names
 
 
 @pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.name)

@@ -1,43 +1,17 @@
 """Global in-batch negatives: 2 CPU processes with batch b equal 1 process with batch 2b."""
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 from safetensors.torch import load_file
-from transformers import BertConfig
 
+from conftest import launch_two_processes
 from finetune import train
 
 ROOT = Path(__file__).resolve().parent.parent
 HERE = Path(__file__).resolve().parent
-
-
-@pytest.fixture(scope="module")
-def tiny_bert_without_dropout(tiny_bert, tmp_path_factory):
-    """The tiny BERT with dropout off, so that two runs can agree to the last bit."""
-    import shutil
-
-    folder = tmp_path_factory.mktemp("tiny_bert_no_dropout")
-    shutil.copytree(tiny_bert, folder, dirs_exist_ok=True)
-    config = BertConfig.from_pretrained(folder)
-    config.hidden_dropout_prob = config.attention_probs_dropout_prob = 0.0
-    config.save_pretrained(folder)
-    return str(folder)
-
-
-def launch_two_processes(script_args, timeout=600):
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    accelerate = str(Path(sys.executable).parent / "accelerate")
-    result = subprocess.run([accelerate, "launch", "--config_file",
-                             str(Path(__file__).resolve().parent.parent / "accelerate_configs" / "cpu_multi_process.yaml"),
-                             *script_args], capture_output=True, text=True, timeout=timeout, env=env)
-    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-4000:]
-    return result
 
 
 @pytest.mark.parametrize("mode, cached", [("shared", False), ("exclusive", False), ("shared", True)])
