@@ -57,19 +57,20 @@ def _env_flag(name: str) -> bool:
 def launch_defaults() -> list[str]:
     """Flags that the launch environment calls for; they go first, so recipes and the command line override them.
 
-    DeepSpeed from ``accelerate launch`` on several processes without CUDA: with no backend named,
-    accelerate starts DeepSpeed's process group but counts a single process, and DeepSpeed then
-    rejects the batch size ("train_batch_size ... 4 != 4 * 1 * 2"). ``--ddp_backend gloo`` makes the
-    Trainer's accelerate state count every process. GPU launches get nothing.
+    Several processes and no CUDA (GPU launches get nothing):
+    - DeepSpeed: with no backend named, accelerate starts DeepSpeed's process group but counts a
+      single process, and DeepSpeed then rejects the batch size ("train_batch_size ... 4 != 4 * 1 * 2").
+      ``--ddp_backend gloo`` makes the Trainer's accelerate state count every process.
+    - Plain data parallelism: without ``--use_cpu true`` each process would train alone (world
+      size 1, all writing the same folder); ``--use_cpu true`` joins them in one gloo group.
     """
-    if not _env_flag("ACCELERATE_USE_DEEPSPEED"):
-        return []
-    if _env_flag("ACCELERATE_USE_CPU"):
+    deepspeed = _env_flag("ACCELERATE_USE_DEEPSPEED")
+    if deepspeed and _env_flag("ACCELERATE_USE_CPU"):
         raise ConfigError("ACCELERATE_USE_CPU=true turns DeepSpeed off silently (accelerate then trains with plain "
                           "data parallelism); unset it. Without CUDA, DeepSpeed runs on the CPU anyway.")
     if torch.cuda.is_available() or int(os.environ.get("WORLD_SIZE", "1")) < 2:
         return []
-    return ["--ddp_backend", "gloo"]
+    return ["--ddp_backend", "gloo"] if deepspeed else ["--use_cpu", "true"]
 
 
 def build_parser() -> HfArgumentParser:

@@ -31,6 +31,10 @@ def _load_encoder(model_name_or_path: str, subfolder: str, trust_remote_code: bo
     if subfolder:
         kwargs["subfolder"] = subfolder
     encoder = AutoModel.from_pretrained(model_name_or_path, **kwargs)
+    # transformers' ZeRO-3 loader keeps every legacy weight rename (used or not) and saving reverses
+    # them, which would write LayerNorm.gamma/beta; keep only the renames this checkpoint needed.
+    if getattr(encoder, "_weight_conversions", None):
+        encoder._weight_conversions = [c for c in encoder._weight_conversions if c.was_used()]
     pooler = getattr(encoder, "pooler", None)
     if isinstance(pooler, nn.Module):
         pooler.requires_grad_(False)

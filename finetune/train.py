@@ -149,8 +149,9 @@ def run(model_args: ModelArguments, data_args: DataArguments, training_args: Emb
     setup_logging(training_args)
     use_all_cores_for_single_cpu_process()
     if launch_defaults():
-        logger.info("DeepSpeed without CUDA on %d processes: process group backend %s (see config.launch_defaults).",
-                    training_args.world_size, training_args.ddp_backend)
+        logger.info("%d processes without CUDA: %s by default (see config.launch_defaults); world size %d, backend %s.",
+                    training_args.world_size, " ".join(launch_defaults()), training_args.world_size,
+                    training_args.ddp_backend or "default")
     resume_from = find_resume_checkpoint(training_args)
     # Validate all data before the model is loaded: a bad record should cost seconds, not GPU time.
     with training_args.main_process_first(desc="data validation"):
@@ -166,7 +167,8 @@ def run(model_args: ModelArguments, data_args: DataArguments, training_args: Emb
                     len(retrieval_set.corpus))
     model = EmbeddingModel.from_pretrained(
         model_args.model_name_or_path, pooling=model_args.pooling, normalize=model_args.normalize,
-        trust_remote_code=model_args.trust_remote_code, query_prefix=data_args.query_prefix,
+        trust_remote_code=model_args.trust_remote_code, padding_free=model_args.padding_free,
+        query_prefix=data_args.query_prefix,
         passage_prefix=data_args.passage_prefix,
         max_seq_length=max(data_args.query_max_length, data_args.passage_max_length))
     train_dataset, eval_dataset = build_datasets(data_args, training_args, model.tokenizer)

@@ -19,9 +19,10 @@ import torch
 
 from conftest import ROOT, launch_two_processes, make_records, write_jsonl
 from finetune.config import ConfigError, launch_defaults
+from finetune.modeling import EmbeddingModel
 
-# DDP on CPU needs --use_cpu (else each process trains alone); DeepSpeed runs as users launch it, without.
-RUNS = {"ddp": ("cpu_multi_process.yaml", ["--use_cpu", "true"]), "zero2": ("cpu_deepspeed_zero2.yaml", []),
+# Every run as users launch it, without --use_cpu: finetune.config.launch_defaults supplies what CPU needs.
+RUNS = {"ddp": ("cpu_multi_process.yaml", []), "zero2": ("cpu_deepspeed_zero2.yaml", []),
         "zero3": ("cpu_deepspeed_zero3.yaml", [])}
 TEXTS = ["alpha beta river", "python function returns list", "query document passage answer", "city"]
 TOLERANCE = 1e-5
@@ -50,6 +51,9 @@ def test_launch_defaults_name_gloo_only_for_deepspeed_on_several_cpu_processes(m
         monkeypatch.delenv(name, raising=False)
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     assert launch_defaults() == []
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    assert launch_defaults() == ["--use_cpu", "true"]  # DDP on CPU: one gloo group, not 2 lone trainings
+    monkeypatch.delenv("WORLD_SIZE")
     monkeypatch.setenv("ACCELERATE_USE_DEEPSPEED", "true")
     assert launch_defaults() == []  # one process: nothing to count
     monkeypatch.setenv("WORLD_SIZE", "2")
@@ -64,7 +68,8 @@ def test_launch_defaults_name_gloo_only_for_deepspeed_on_several_cpu_processes(m
 def test_runs_use_two_processes_and_the_requested_zero_stage(runs):
     for name, (output_dir, log) in runs.items():
         assert "World size 2 x 4 queries per device" in log, name
-        assert ("process group backend gloo" in log) == (name != "ddp"), name
+        assert ("--ddp_backend gloo by default" in log) == (name != "ddp"), name
+        assert ("--use_cpu true by default" in log) == (name == "ddp"), name
         # DeepSpeed's own checkpoint files prove it trained (accelerate can silently fall back to DDP).
         step = output_dir / "checkpoint-2" / "global_step2"
         files = {path.name for path in step.iterdir()} if step.is_dir() else set()
@@ -79,8 +84,14 @@ def test_zero3_output_loads_and_matches_zero2_and_ddp(runs, tiny_bert_without_dr
     from sentence_transformers import SentenceTransformer
 
     models = {name: SentenceTransformer(str(output_dir), device="cpu") for name, (output_dir, _) in runs.items()}
-    # Weights as loaded, not as stored: transformers 5.24 stores ZeRO-3's LayerNorm weights under their legacy
-    # names (gamma/beta), which loading maps back.
+    # Stored under the standard names (transformers 5.24's ZeRO-3 path would write LayerNorm gamma/beta, see
+    # modeling._load_encoder): our strict loader, used to resume and to reload the best checkpoint, accepts them.
+    from safetensors.torch import load_file
+
+    for name, (output_dir, _) in runs.items():
+        stored = load_file(str(output_dir / "model.safetensors"))
+        assert not [key for key in stored if key.endswith((".gamma", ".beta"))], name
+        EmbeddingModel.from_pretrained(tiny_bert_without_dropout).load_encoder_weights(str(output_dir))
     weights = {name: model.state_dict() for name, model in models.items()}
     embeddings = {name: model.encode(TEXTS, convert_to_tensor=True) for name, model in models.items()}
     base = SentenceTransformer(tiny_bert_without_dropout, device="cpu").state_dict()
