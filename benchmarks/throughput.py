@@ -10,7 +10,8 @@ run slows every variant alike. Step time is the wall time between consecutive op
 
 Variants: ``theirs`` (sentence-transformers), ``ours`` (padding-free, the default), ``ours_padded``
 (``--padding_free false``: what padding-free encoding buys), ``ours_group_by_length`` and
-``ours_padded_group_by_length`` (``--train_sampling_strategy group_by_length``: what length-grouped batches buy). Printed per variant: samples/s, real and padded tokens/s, peak
+``ours_padded_group_by_length`` (``--train_sampling_strategy group_by_length``: what length-grouped batches buy),
+``ours_compiled`` (``--torch_compile true``; compilation time is not counted, recompilations are). Printed per variant: samples/s, real and padded tokens/s, peak
 memory (RSS on CPU, max_memory_allocated on GPU), model FLOP/s as a fraction of the matmul peak
 measured at the start (MFU; FLOPs of real tokens only), ratio to ``theirs``, and the held-out
 nDCG@10 / MRR@10 of each trained model (quality guard).
@@ -42,6 +43,7 @@ VARIANTS = {
     "ours_padded": ["--padding_free", "false"],
     "ours_group_by_length": ["--padding_free", "true", "--train_sampling_strategy", "group_by_length"],
     "ours_padded_group_by_length": ["--padding_free", "false", "--train_sampling_strategy", "group_by_length"],
+    "ours_compiled": ["--padding_free", "true", "--torch_compile", "true"],
 }
 # Nominal dense bf16 peaks (TFLOP/s) for the MFU on known GPUs; the measured matmul peak is printed too.
 NOMINAL_BF16_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0, "L4": 121.0, "A10": 125.0}
@@ -355,7 +357,8 @@ def orchestrate(args) -> dict:
             metrics = evaluate_quality(os.path.join(args.work_dir, row["variant"]), args.max_length)
             row.update({"ndcg@10": metrics["ndcg@10"], "mrr@10": metrics["mrr@10"]})
     table = format_table(rows)
-    settings = (f"{Path(args.model).name}, batch {args.batch_size}, {args.num_hard_negatives} hard negative(s), "
+    label = Path(args.model).name if Path(args.model).name != "model" else Path(args.model).parent.name
+    settings = (f"{label}, batch {args.batch_size}, {args.num_hard_negatives} hard negative(s), "
                 f"max length {args.max_length}, {precision}, {args.rounds} x {args.steps_per_round} steps per variant")
     print(f"\n{machine}; {settings}\nmatmul peak {peak / 1e9:.1f} GFLOP/s\n{table}\n")
     summary = {"machine": machine, "settings": settings, "matmul_peak_flops": peak, "rows": rows}

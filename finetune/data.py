@@ -228,13 +228,20 @@ class LengthGroupedEpochSampler(EpochShuffleSampler):
 
 
 def example_lengths(tokenized: datasets.Dataset) -> list[int]:
-    """Tokens of each record's question plus its first positive (the length used to group batches)."""
+    """Per record, the token count of its longest document (positives and negatives): what pads a document batch.
+
+    The grouping key of ``LengthGroupedEpochSampler``; documents dominate a batch's padding (queries are short).
+    """
+    import numpy as np
     import pyarrow.compute as pc
 
     table = tokenized.with_format("arrow")[:]  # a pyarrow Table (zero-copy unless the dataset is a selection)
-    query = pc.list_value_length(table.column("query_input_ids"))
-    positive = pc.list_value_length(pc.list_element(table.column("pos_input_ids"), 0))
-    return pc.add(query, positive).to_pylist()
+    longest = np.zeros(len(table), dtype=np.int64)
+    for column in ("pos_input_ids", "neg_input_ids"):
+        documents = table.column(column).combine_chunks()  # list<list<int>>: documents of each record
+        lengths = pc.list_value_length(pc.list_flatten(documents)).to_numpy(zero_copy_only=False)
+        np.maximum.at(longest, pc.list_parent_indices(documents).to_numpy(zero_copy_only=False), lengths)
+    return longest.tolist()
 
 
 def pad_sequences(sequences: list[list[int]], pad_token_id: int, padding_side: str = "right",

@@ -64,31 +64,31 @@ class PackedLayout:
 
 
 def _attention_groups(lengths: torch.Tensor, starts: torch.Tensor) -> tuple[list[AttentionGroup], torch.Tensor]:
-    """Split sequences (sorted by length) into at most MAX_ATTENTION_GROUPS groups of similar length."""
+    """Split sequences (sorted by length) into at most MAX_ATTENTION_GROUPS groups of similar length.
+
+    Index tensors are built with tensor ops (no per-token Python); only the B lengths go to the host.
+    """
     device = lengths.device
-    order = torch.argsort(lengths, stable=True).tolist()
-    lengths_list, starts_list = lengths.tolist(), starts.tolist()
-    num_groups = max(1, min(MAX_ATTENTION_GROUPS, len(order) // MIN_GROUP_SIZE))
-    bounds = [round(i * len(order) / num_groups) for i in range(num_groups + 1)]
+    order = torch.argsort(lengths, stable=True)
+    sorted_lengths = lengths[order].tolist()
+    num_groups = max(1, min(MAX_ATTENTION_GROUPS, len(sorted_lengths) // MIN_GROUP_SIZE))
+    bounds = [round(i * len(sorted_lengths) / num_groups) for i in range(num_groups + 1)]
     groups, packed_positions = [], []
     for first, last in zip(bounds[:-1], bounds[1:]):
         members = order[first:last]
-        length = max(lengths_list[i] for i in members)
-        gather, real_slots, valid = [], [], []
-        for row, seq in enumerate(members):
-            n, start = lengths_list[seq], starts_list[seq]
-            gather.extend(range(start, start + n))
-            gather.extend([0] * (length - n))
-            real_slots.extend(range(row * length, row * length + n))
-            valid.append([True] * n + [False] * (length - n))
-            packed_positions.extend(range(start, start + n))
-        uniform = all(lengths_list[i] == length for i in members)
-        key_mask = None if uniform else torch.tensor(valid, device=device)[:, None, None, :]
-        groups.append(AttentionGroup(torch.tensor(gather, device=device), key_mask,
-                                     torch.tensor(real_slots, device=device), len(members), length))
-    restore = torch.empty(len(packed_positions), dtype=torch.long)
-    restore[torch.tensor(packed_positions, dtype=torch.long)] = torch.arange(len(packed_positions))
-    return groups, restore.to(device)
+        length = sorted_lengths[last - 1]  # the group's longest
+        offsets = torch.arange(length, device=device)
+        positions = starts[members][:, None] + offsets[None]  # (G, L) packed index of each slot
+        valid = offsets[None] < lengths[members][:, None]  # (G, L)
+        uniform = sorted_lengths[first] == length
+        groups.append(AttentionGroup(torch.where(valid, positions, 0).reshape(-1),
+                                     None if uniform else valid[:, None, None, :],
+                                     valid.reshape(-1).nonzero().squeeze(1), last - first, length))
+        packed_positions.append(positions[valid])
+    packed_positions = torch.cat(packed_positions)
+    restore = torch.empty_like(packed_positions)
+    restore[packed_positions] = torch.arange(len(packed_positions), device=device)
+    return groups, restore
 
 
 def pack(input_ids: torch.Tensor, attention_mask: torch.Tensor, position_rule: str,

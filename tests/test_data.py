@@ -256,12 +256,13 @@ def test_length_grouped_sampler_groups_lengths_and_keeps_every_example_once():
     assert list(LengthGroupedEpochSampler(lengths, 10, seed=3, mega_batches=20)) == keys  # deterministic
 
 
-def test_example_lengths_are_question_plus_first_positive(tokenizer, train_file):
+def test_example_lengths_are_the_longest_document(tokenizer, train_file):
     from finetune.data import example_lengths, load_raw_dataset, tokenize_dataset
 
     tokenized = tokenize_dataset(load_raw_dataset([train_file]), tokenizer, query_max_length=32,
                                  passage_max_length=64)
-    expected = [len(row["query_input_ids"]) + len(row["pos_input_ids"][0]) for row in tokenized]
+    expected = [max(len(doc) for doc in row["pos_input_ids"] + row["neg_input_ids"]) for row in tokenized]
+    assert len(set(expected)) > 3
     assert example_lengths(tokenized) == expected
     subset = tokenized.select([3, 1])
     assert example_lengths(subset) == [expected[3], expected[1]]
