@@ -247,7 +247,8 @@ def run_worker(args) -> None:
             else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
     result = {"intervals": timer.intervals, "batches": counter.batches, "real": counter.real,
               "padded": counter.padded, "real_sq": counter.real_sq, "peak_bytes": peak}
-    Path(args.result_file).write_text(json.dumps(result))
+    if int(os.environ.get("RANK", "0")) == 0:  # under accelerate launch (benchmarks/gpu_scaling.py): rank 0 reports
+        Path(args.result_file).write_text(json.dumps(result))
 
 
 # ------------------------------------------------------------------------------------------ orchestrator
