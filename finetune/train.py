@@ -172,6 +172,10 @@ def run(model_args: ModelArguments, data_args: DataArguments, training_args: Emb
         passage_prefix=data_args.passage_prefix,
         max_seq_length=max(data_args.query_max_length, data_args.passage_max_length))
     train_dataset, eval_dataset = build_datasets(data_args, training_args, model.tokenizer)
+    if training_args.torch_compile and model.position_rule is not None:
+        logger.warning("--torch_compile with padding-free encoding recompiles for every new packed length (measured "
+                       "about 100x slower over the first steps on CPU); prefer --torch_compile false, or "
+                       "--padding_free false with --train_sampling_strategy group_by_length.")
 
     logger.info("Model %s (pooling=%s, normalize=%s); %d training and %d validation queries; %d hard negatives each.",
                 model_args.model_name_or_path, model.pooling, model.normalize, len(train_dataset),
