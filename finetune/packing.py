@@ -175,3 +175,47 @@ def encode_packed(encoder: nn.Module, input_ids: torch.Tensor, attention_mask: t
     packed_ids, position_ids, layout = pack(input_ids, attention_mask, position_rule, padding_idx)
     hidden = encoder(input_ids=packed_ids, position_ids=position_ids, packed_layout=layout).last_hidden_state
     return unpack(hidden[0], layout)
+
+
+def enable_padding_free(encoder: nn.Module) -> str | None:
+    """Switch the encoder to packed attention when supported and verified; returns its position rule or None.
+
+    The check runs a small batch of unequal lengths both ways (eval mode, no grad) and keeps the
+    padded path, with a warning, if they disagree. Skipped under ZeRO-3, whose weights are not
+    materialised at load time.
+    """
+    rule = position_rule_for(encoder)
+    if rule is None:
+        logger.info("Padding-free encoding is not available for model type %r: using padded batches.",
+                    getattr(encoder.config, "model_type", None))
+        return None
+    original = encoder.config._attn_implementation
+    register_packed_attention()
+    try:
+        encoder.set_attn_implementation(PACKED_ATTENTION)
+    except (ValueError, NotImplementedError, AttributeError) as error:
+        logger.info("Padding-free encoding cannot be enabled for this model (%s): using padded batches.", error)
+        return None
+    from transformers.integrations import is_deepspeed_zero3_enabled
+
+    if is_deepspeed_zero3_enabled():
+        return rule
+    was_training = encoder.training
+    encoder.eval()
+    generator = torch.Generator().manual_seed(0)
+    vocab = min(encoder.config.vocab_size, 1000)
+    input_ids = torch.randint(5, vocab, (3, 9), generator=generator)
+    attention_mask = torch.tensor([[1] * 9, [1] * 4 + [0] * 5, [1] * 7 + [0] * 2])
+    device = next(encoder.parameters()).device
+    input_ids, attention_mask = input_ids.to(device), attention_mask.to(device)
+    with torch.no_grad():
+        padded = encoder(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state.float()
+        packed = encode_packed(encoder, input_ids, attention_mask, rule).float()
+    encoder.train(was_training)
+    difference = ((padded - packed) * attention_mask[..., None]).abs().max().item()
+    if not difference < 1e-3 * max(1.0, padded.abs().max().item()):
+        encoder.set_attn_implementation(original)
+        logger.warning("Padding-free encoding disagrees with the padded forward for this model (max difference "
+                       "%.2e): using padded batches.", difference)
+        return None
+    return rule

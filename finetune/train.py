@@ -148,10 +148,10 @@ def run(model_args: ModelArguments, data_args: DataArguments, training_args: Emb
     """Train, save and evaluate; returns the final metrics (train and, if any, validation)."""
     setup_logging(training_args)
     use_all_cores_for_single_cpu_process()
-    if launch_defaults():
-        logger.info("%d processes without CUDA: %s by default (see config.launch_defaults); world size %d, backend %s.",
-                    training_args.world_size, " ".join(launch_defaults()), training_args.world_size,
-                    training_args.ddp_backend or "default")
+    defaults = launch_defaults()
+    if defaults:
+        logger.info("%d processes without CUDA: %s by default (see config.launch_defaults); backend %s.",
+                    training_args.world_size, " ".join(defaults), training_args.ddp_backend or "default")
     resume_from = find_resume_checkpoint(training_args)
     # Validate all data before the model is loaded: a bad record should cost seconds, not GPU time.
     with training_args.main_process_first(desc="data validation"):

@@ -173,19 +173,16 @@ class EmbeddingTrainer(Trainer):
                                   encoder(model.passage_prefix, self.passage_max_length), self.retrieval_set)
 
     def _get_train_sampler(self, train_dataset=None):
-        """``--train_sampling_strategy``: random (default), group_by_length, or sequential (``(epoch, index)`` keys)."""
+        """``--train_sampling_strategy`` (validated by the arguments): random, group_by_length or sequential.
+
+        Every sampler yields ``(epoch, index)`` keys for TripletDataset.
+        """
         dataset = train_dataset if train_dataset is not None else self.train_dataset
         seed = self.args.data_seed if self.args.data_seed is not None else self.args.seed
-        strategy = self.args.train_sampling_strategy
-        if strategy == "group_by_length":
+        if self.args.train_sampling_strategy == "group_by_length":
             return LengthGroupedEpochSampler(example_lengths(dataset.tokenized), self.args.per_device_train_batch_size,
                                              seed=seed)
-        if strategy == "sequential":
-            return EpochShuffleSampler(len(dataset), seed=seed, shuffle=False)
-        if strategy != "random":
-            raise ValueError(f"--train_sampling_strategy {strategy} is not supported here; "
-                             "use random, group_by_length or sequential.")
-        return EpochShuffleSampler(len(dataset), seed=seed)
+        return EpochShuffleSampler(len(dataset), seed=seed, shuffle=self.args.train_sampling_strategy != "sequential")
 
     def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
         """Write a SentenceTransformer folder (``state_dict``: full weights gathered by ZeRO-3/FSDP, if any).

@@ -7,7 +7,8 @@ import torch
 from transformers import BertConfig, BertModel, RobertaConfig, RobertaModel
 
 from finetune import packing
-from finetune.modeling import EmbeddingModel, enable_padding_free
+from finetune.modeling import EmbeddingModel
+from finetune.packing import enable_padding_free
 
 
 def random_batch(batch_size=11, seq_len=17, vocab=200, seed=0, padding_side="right"):
@@ -109,7 +110,7 @@ def test_a_disagreeing_packed_forward_is_refused(monkeypatch, caplog):
     def broken(*args, **kwargs):
         return real_encode(*args, **kwargs) + 1.0
 
-    monkeypatch.setattr("finetune.modeling.encode_packed", broken)
+    monkeypatch.setattr("finetune.packing.encode_packed", broken)
     assert enable_padding_free(encoder) is None
     assert encoder.config._attn_implementation == original
     assert "disagrees" in caplog.text
