@@ -16,11 +16,10 @@ TOOLS = {"convert": convert, "validate": validate, "mine": mine, "split": split}
 
 
 def readme_section(tool: str) -> str:
-    readme = (ROOT / "README.md").read_text()
-    start = readme.index("## Data preparation\n")
-    section = readme[start:readme.index("\n## ", start)]
-    start = section.index(f"### {tool}\n")
-    end = section.find("\n### ", start + 1)
+    """The tool's section of the data-preparation page (was a README section)."""
+    section = (ROOT / "docs" / "data-preparation.md").read_text()
+    start = section.index(f"## {tool}\n")
+    end = section.find("\n## ", start + 1)
     return section[start:end if end > 0 else None]
 
 
