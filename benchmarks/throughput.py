@@ -277,7 +277,7 @@ def launch_round(args, variant: str, round_index: int) -> dict:
 
 def evaluate_quality(model_path: str, max_length: int) -> dict:
     from finetune.arguments import EXAMPLE_VALIDATION_FILE
-    from finetune.evaluate import evaluate_model
+    from finetune.evaluation import evaluate_model
     from finetune.evaluation import load_retrieval_set
 
     dataset = load_retrieval_set([EXAMPLE_VALIDATION_FILE])

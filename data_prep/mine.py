@@ -30,10 +30,12 @@ import torch
 from tqdm.auto import tqdm
 
 from data_prep.mining import FILTER_REASONS, REASONS, SAMPLING, MiningSettings, encode_texts, mine_negatives
-from data_prep.records import (atomic_output, json_line, normalized_key, optional_float, run_cli, seed_record,
+from data_prep.records import (json_line, normalized_key, optional_float, run_cli,
                                setup_logging, unique)
 from finetune.evaluation import read_corpus_file
-from finetune.schema import NEG_DOC, POS_DOC, QUESTION, read_records
+from finetune.checkpointing import atomic_write
+from finetune.schema import NEG_DOC, NEG_SCORES, POS_DOC, QUESTION, normalize_record, read_records
+from finetune.text import TextSide
 
 logger = logging.getLogger("data_prep.mine")
 
@@ -215,7 +217,7 @@ def plot_scores(report: MiningReport, settings: MiningSettings, path: str) -> No
     right.legend()
     right.set(title="Candidate score / positive score", xlabel="ratio", ylabel="density")
     figure.tight_layout()
-    with atomic_output(path, binary=True) as handle:
+    with atomic_write(path, binary=True) as handle:
         figure.savefig(handle, format="png", dpi=100)
     plt.close(figure)
 
@@ -247,7 +249,7 @@ def main(argv: list[str] | None = None) -> dict:
     plot_path = args.plot or default_report_path(args.output, ".report.png")
     started = time.perf_counter()
 
-    records = [seed_record(record) for record in tqdm(read_records(args.input), desc="Reading", unit=" records")]
+    records = [normalize_record(record) for record in tqdm(read_records(args.input), desc="Reading", unit=" records")]
     corpus, from_data = build_corpus(records, args.extra_corpus)
     corpus_texts = list(corpus)
     corpus_keys = [normalized_key(text) for text in corpus_texts]
@@ -264,19 +266,20 @@ def main(argv: list[str] | None = None) -> dict:
     model = EmbeddingModel.from_pretrained(args.model_name_or_path, padding_free=True)  # same vectors, no padding work
     if torch.cuda.is_available():
         model.to("cuda")
-    corpus_emb = encode_texts(model, corpus_texts, prefix=args.passage_prefix, max_length=args.passage_max_length,
-                              batch_size=args.batch_size, desc="Encoding corpus")  # (N, D) fp16
+    query_side = TextSide(args.query_prefix, args.query_max_length)
+    document_side = TextSide(args.passage_prefix, args.passage_max_length)
+    corpus_emb = encode_texts(model, corpus_texts, side=document_side, batch_size=args.batch_size,
+                              desc="Encoding corpus")  # (N, D) fp16
     encoded = time.perf_counter()
     search = FaissExactSearch(corpus_emb, corpus_chunk=args.corpus_chunk_size).topk if args.use_faiss else None
 
     report = MiningReport(args.num_suspicious)
     report.counts["records_in"] = len(records)
-    with atomic_output(args.output) as handle, tqdm(total=len(records), desc="Mining", unit=" queries") as progress:
+    with atomic_write(args.output) as handle, tqdm(total=len(records), desc="Mining", unit=" queries") as progress:
         for start in range(0, len(records), args.query_block_size):
             block = records[start:start + args.query_block_size]
-            query_emb = encode_texts(model, [record[QUESTION] for record in block], prefix=args.query_prefix,
-                                     max_length=args.query_max_length, batch_size=args.batch_size,
-                                     dtype=torch.float32, progress=False)
+            query_emb = encode_texts(model, [record[QUESTION] for record in block], side=query_side,
+                                     batch_size=args.batch_size, dtype=torch.float32, progress=False)
             existing = [[corpus[text] for text in record[NEG_DOC]] for record in block]
             results = mine_negatives(query_emb, corpus_emb, [question_positives[record[QUESTION]] for record in block],
                                      None, settings, corpus_keys=corpus_keys, corpus_chunk=args.corpus_chunk_size,
@@ -296,7 +299,9 @@ def main(argv: list[str] | None = None) -> dict:
                 if len(negatives) < args.min_negatives:
                     report.counts["records_left_out_too_few_negatives"] += 1
                     continue
-                handle.write(json_line({QUESTION: record[QUESTION], POS_DOC: record[POS_DOC], NEG_DOC: negatives}))
+                # Optional fields stay; teacher scores of the old negatives no longer match the new list.
+                out = {key: value for key, value in record.items() if key != NEG_SCORES}
+                handle.write(json_line({**out, NEG_DOC: negatives}))
                 report.counts["records_out"] += 1
                 report.counts["negatives_written"] += len(negatives)
                 report.add_written(len(negatives))
@@ -311,7 +316,7 @@ def main(argv: list[str] | None = None) -> dict:
         **report.to_dict(),
         "seconds": {"total": finished - started, "encode_corpus": encoded - started, "mine": finished - encoded},
     }
-    with atomic_output(report_path) as handle:
+    with atomic_write(report_path) as handle:
         json.dump(result, handle, indent=2, ensure_ascii=False)
     plot_scores(report, settings, plot_path)
     counts = result["counts"]

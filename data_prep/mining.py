@@ -26,6 +26,7 @@ from tqdm.auto import tqdm
 
 from data_prep.records import normalized_key
 from finetune.search import chunked_topk
+from finetune.text import TextSide
 
 # Why a candidate was not kept: it is a positive; a false-negative filter; already a negative of the record;
 # the same text (up to case and spacing) as a better-ranked candidate that passed.
@@ -147,21 +148,23 @@ def mine_negatives(query_emb: torch.Tensor, corpus_emb: torch.Tensor, positive_i
     return results
 
 
-def encode_texts(model, texts: list[str], *, prefix: str = "", max_length: int | None = None, batch_size: int = 64,
-                 dtype: torch.dtype = torch.float16, desc: str | None = None, progress: bool = True) -> torch.Tensor:
+def encode_texts(model, texts: list[str], *, side: TextSide | None = None, prefix: str = "", max_length: int | None = None,
+                 batch_size: int = 64, dtype: torch.dtype = torch.float16, desc: str | None = None,
+                 progress: bool = True) -> torch.Tensor:
     """Embeddings of ``texts`` as an (N, D) tensor of ``dtype`` (fp16 halves the corpus' memory).
 
     Texts are encoded longest first, so each batch holds texts of similar length (little padding), in
     blocks of 16 batches that are converted as they come: the fp32 copy never exceeds one block.
-    ``model`` is a ``finetune.modeling.EmbeddingModel``.
+    ``model`` is a ``finetune.modeling.EmbeddingModel``; ``side`` (``finetune.text``) says how texts are
+    tokenized, else ``prefix`` and ``max_length``.
     """
+    side = side or TextSide(prefix, max_length or model.max_seq_length)
     order = sorted(range(len(texts)), key=lambda i: len(texts[i]), reverse=True)
     embeddings = torch.empty((len(texts), model.embedding_dimension), dtype=dtype)
     block = batch_size * 16
     with tqdm(total=len(texts), desc=desc or "Encoding", unit=" texts", disable=not progress) as bar:
         for start in range(0, len(texts), block):
             rows = order[start:start + block]
-            embeddings[rows] = model.encode([texts[i] for i in rows], prefix=prefix, max_length=max_length,
-                                            batch_size=batch_size).to(dtype)
+            embeddings[rows] = model.encode([texts[i] for i in rows], side, batch_size=batch_size).to(dtype)
             bar.update(len(rows))
     return embeddings

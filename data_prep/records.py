@@ -6,20 +6,16 @@ need on top of it.
 
 from __future__ import annotations
 
-import contextlib
-import gzip
-import io
 import json
 import logging
-import os
 import re
 import sys
-import tempfile
 import unicodedata
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable
 
+from finetune.checkpointing import atomic_write
 from finetune.data import text_key
-from finetune.schema import NEG_DOC, POS_DOC, QUESTION, DataFormatError
+from finetune.schema import POS_DOC, NEG_DOC, QUESTION, SCORED_LISTS, DataFormatError, normalize_record
 
 _SPACES = re.compile(r"\s+")
 
@@ -46,67 +42,35 @@ def unique(texts: Iterable[str]) -> list[str]:
 def merge_records(records: Iterable[dict]) -> tuple[list[dict], dict[str, int]]:
     """Records with the same question merged into one: positives and negatives united in first-seen order,
     exact duplicates removed, and a negative whose normalised text equals one of the positives removed
-    (a text that is a positive is never kept as a negative).
+    (a text that is a positive is never kept as a negative). Teacher scores stay aligned with their
+    documents (a repeated text keeps its first score); they are kept only when every merged record has them.
 
     Returns the merged records (in order of each question's first appearance) and counts:
     ``merged`` (records folded into an earlier one) and ``negatives_removed_as_positive``.
     """
-    merged: dict[str, dict] = {}
-    counts = {"merged": 0, "negatives_removed_as_positive": 0}
+    groups: dict[str, list[dict]] = {}
     for record in records:
-        target = merged.get(record[QUESTION])
-        if target is None:
-            merged[record[QUESTION]] = {QUESTION: record[QUESTION], POS_DOC: list(record[POS_DOC]),
-                                        NEG_DOC: list(record.get(NEG_DOC, []))}
-        else:
-            counts["merged"] += 1
-            target[POS_DOC].extend(record[POS_DOC])
-            target[NEG_DOC].extend(record.get(NEG_DOC, []))
-    for record in merged.values():
-        record[POS_DOC] = unique(record[POS_DOC])
-        positive_keys = {normalized_key(text) for text in record[POS_DOC]}
-        negatives = unique(record[NEG_DOC])
-        record[NEG_DOC] = [text for text in negatives if normalized_key(text) not in positive_keys]
-        counts["negatives_removed_as_positive"] += len(negatives) - len(record[NEG_DOC])
-    return list(merged.values()), counts
-
-
-def seed_record(record: dict) -> dict:
-    """The three seed-format fields of a record, in their usual order (drops ``source`` and other keys)."""
-    return {QUESTION: record[QUESTION], POS_DOC: list(record[POS_DOC]), NEG_DOC: list(record.get(NEG_DOC, []))}
-
-
-@contextlib.contextmanager
-def atomic_output(path: str, *, binary: bool = False) -> Iterator:
-    """A handle (text, or binary with ``binary=True``) whose content replaces ``path`` only when the block
-    ends without an error.
-
-    Written to a temporary file in the same folder (same file system), then ``os.replace``d, so a
-    reader never sees half a file and a crash leaves the old file intact. Text written to ``.gz``
-    paths is gzip-compressed with mtime 0 (byte-identical output for identical input).
-    """
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    descriptor, tmp_path = tempfile.mkstemp(dir=folder, prefix=f".{os.path.basename(path)}.", suffix=".tmp")
-    try:
-        with os.fdopen(descriptor, "wb") as raw:
-            if binary:
-                yield raw
-            elif path.endswith(".gz"):
-                with gzip.GzipFile(fileobj=raw, mode="wb", mtime=0) as compressed, open_text(compressed) as handle:
-                    yield handle
-            else:
-                with open_text(raw) as handle:
-                    yield handle
-        os.replace(tmp_path, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.remove(tmp_path)
-        raise
-
-
-def open_text(binary) -> io.TextIOWrapper:
-    return io.TextIOWrapper(binary, encoding="utf-8", newline="\n")
+        groups.setdefault(record[QUESTION], []).append(normalize_record(record))
+    counts = {"merged": sum(len(group) - 1 for group in groups.values()), "negatives_removed_as_positive": 0}
+    merged = []
+    for question, group in groups.items():
+        record = {QUESTION: question}
+        for scores_key, docs_key in SCORED_LISTS.items():
+            scored = all(scores_key in part for part in group)
+            documents: dict[str, float | None] = {}  # text -> its first score; dicts keep first-seen order
+            for part in group:
+                for position, text in enumerate(part[docs_key]):
+                    documents.setdefault(text, part[scores_key][position] if scored else None)
+            if docs_key == NEG_DOC:
+                positive_keys = {normalized_key(text) for text in record[POS_DOC]}
+                kept = {text: score for text, score in documents.items() if normalized_key(text) not in positive_keys}
+                counts["negatives_removed_as_positive"] += len(documents) - len(kept)
+                documents = kept
+            record[docs_key] = list(documents)
+            if scored:
+                record[scores_key] = list(documents.values())
+        merged.append(normalize_record(record))
+    return merged, counts
 
 
 def json_line(record) -> str:
@@ -115,9 +79,9 @@ def json_line(record) -> str:
 
 
 def write_jsonl(path: str, records: Iterable[dict]) -> int:
-    """Write records as JSON Lines atomically (see ``atomic_output``); returns how many were written."""
+    """Write records as JSON Lines atomically (``finetune.checkpointing.atomic_write``); returns how many were written."""
     count = 0
-    with atomic_output(path) as handle:
+    with atomic_write(path) as handle:
         for record in records:
             handle.write(json_line(record))
             count += 1

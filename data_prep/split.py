@@ -20,8 +20,8 @@ import logging
 
 from tqdm.auto import tqdm
 
-from data_prep.records import normalize_text, run_cli, seed_record, setup_logging, write_jsonl
-from finetune.schema import NEG_DOC, POS_DOC, QUESTION, read_records
+from data_prep.records import normalize_text, run_cli, setup_logging, write_jsonl
+from finetune.schema import NEG_DOC, POS_DOC, QUESTION, normalize_record, read_records
 
 logger = logging.getLogger("data_prep.split")
 GROUP_BY = (QUESTION, POS_DOC)
@@ -112,7 +112,7 @@ def main(argv: list[str] | None = None) -> dict[str, int]:
     """Returns the counts that are also printed."""
     args = build_parser().parse_args(argv)
     setup_logging()
-    records = [seed_record(record) for record in tqdm(read_records(args.input), desc="Reading", unit=" records")]
+    records = [normalize_record(record) for record in tqdm(read_records(args.input), desc="Reading", unit=" records")]
     counts = {"records_in": len(records), "duplicates_dropped": 0}
     if args.dedupe:
         unique_records = dedupe(records)

@@ -22,8 +22,10 @@ from dataclasses import dataclass, field
 import numpy as np
 from tqdm.auto import tqdm
 
-from data_prep.records import atomic_output, json_line, normalized_key, run_cli, setup_logging
+from data_prep.records import json_line, normalized_key, run_cli, setup_logging
+from finetune.checkpointing import atomic_write
 from finetune.data import text_key
+from finetune.text import TextSide
 from finetune.schema import (EMPTY_FILE, NEG_DOC, POS_DOC, QUESTION, DataFormatError, RecordProblem, expand_data_files,
                              iter_raw_records, record_problems)
 
@@ -60,9 +62,10 @@ def build_parser() -> argparse.ArgumentParser:
 class LengthCounter:
     """Lengths of texts in tokens (with a tokenizer) or whitespace words, counted in batches."""
 
-    def __init__(self, tokenizer=None, query_prefix: str = "", passage_prefix: str = "", batch_size: int = 512):
+    def __init__(self, tokenizer=None, query_prefix: str = "", document_prefix: str = "", batch_size: int = 512):
         self.tokenizer = tokenizer
-        self.prefixes = {QUESTION: query_prefix, POS_DOC: passage_prefix, NEG_DOC: passage_prefix}
+        query, document = TextSide(query_prefix), TextSide(document_prefix)  # the text path of training (finetune.text)
+        self.sides = {QUESTION: query, POS_DOC: document, NEG_DOC: document}
         self.batch_size = batch_size
         self.pending: dict[str, list[str]] = {name: [] for name in LENGTH_FIELDS}
         self.lengths: dict[str, list[int]] = {name: [] for name in LENGTH_FIELDS}
@@ -79,9 +82,7 @@ class LengthCounter:
         if self.tokenizer is None:
             self.lengths[name].extend(len(text.split()) for text in texts)
         else:
-            prefix = self.prefixes[name]
-            encoded = self.tokenizer([prefix + text for text in texts], truncation=False, verbose=False)["input_ids"]
-            self.lengths[name].extend(len(ids) for ids in encoded)
+            self.lengths[name].extend(self.sides[name].token_lengths(self.tokenizer, texts))
 
     def summary(self, limits: dict[str, int] | None) -> dict[str, dict]:
         result = {}
@@ -270,7 +271,7 @@ def main(argv: list[str] | None = None) -> int:
     setup_logging()
     files = expand_data_files(args.files)
     tokenizer = load_tokenizer(args.model_name_or_path) if args.model_name_or_path else None
-    counter = LengthCounter(tokenizer, args.query_prefix, args.passage_prefix)
+    counter = LengthCounter(tokenizer, args.query_prefix, args.passage_prefix)  # --passage_prefix: the document side
     limits = ({QUESTION: args.query_max_length, POS_DOC: args.passage_max_length, NEG_DOC: args.passage_max_length}
               if tokenizer is not None else None)
     unit = f"tokens ({args.model_name_or_path})" if tokenizer is not None else "whitespace words"
@@ -283,13 +284,13 @@ def main(argv: list[str] | None = None) -> int:
     if args.rejects:
         print(f"Wrote {report.rejected:,} rejected record(s) to {args.rejects}")
     if args.report_json:
-        with atomic_output(args.report_json) as handle:
+        with atomic_write(args.report_json) as handle:
             json.dump(summary, handle, indent=2)
     return 1 if report.problems else 0
 
 
 def _maybe_output(path: str | None):
-    return atomic_output(path) if path else contextlib.nullcontext(None)
+    return atomic_write(path) if path else contextlib.nullcontext(None)
 
 
 if __name__ == "__main__":

@@ -13,12 +13,13 @@ from transformers import TrainingArguments
 
 from finetune.losses import NEGATIVE_MODES
 from finetune.pooling import POOLING_MODES
+from finetune.text import TextSide
 
 EXAMPLE_DATA_DIR = Path(__file__).resolve().parent.parent / "data_prep" / "example_data"
 EXAMPLE_TRAIN_FILE = str(EXAMPLE_DATA_DIR / "train.jsonl.gz")
 EXAMPLE_VALIDATION_FILE = str(EXAMPLE_DATA_DIR / "validation.jsonl.gz")
 HUB_MINILM = "sentence-transformers/all-MiniLM-L6-v2"
-# transformers' --train_sampling_strategy values that our (epoch, index) samplers implement (finetune.trainer).
+# transformers' --train_sampling_strategy values that our (epoch, index) samplers implement (finetune.data.build_train_sampler).
 SAMPLING_STRATEGIES = ("random", "group_by_length", "sequential")
 
 
@@ -103,6 +104,16 @@ class DataArguments:
         for name in ("query_max_length", "passage_max_length"):
             if getattr(self, name) < 2:
                 raise ValueError(f"--{name} must be at least 2 tokens, got {getattr(self, name)}.")
+
+    @property
+    def query_side(self) -> TextSide:
+        """How questions are tokenized (``finetune.text``)."""
+        return TextSide(self.query_prefix, self.query_max_length)
+
+    @property
+    def document_side(self) -> TextSide:
+        """How documents are tokenized: --passage_prefix and --passage_max_length (NeMo's names)."""
+        return TextSide(self.passage_prefix, self.passage_max_length)
 
 
 @dataclass
@@ -204,3 +215,8 @@ class EmbeddingTrainingArguments(TrainingArguments):
     @property
     def scale(self) -> float:
         return 1.0 / self.temperature
+
+    @property
+    def data_order_seed(self) -> int:
+        """The one seed of the data stream: the sampler's order and the negatives drawn (--data_seed, else --seed)."""
+        return self.data_seed if self.data_seed is not None else self.seed

@@ -1,13 +1,16 @@
 """Seed-format JSON -> ``datasets.Dataset`` -> tokenized columns -> sampled, padded batches.
 
 Pipeline: ``load_raw_dataset`` (validated, cached by file contents) -> ``tokenize_dataset``
-(``datasets.map``, cached by tokenizer and settings) -> ``TripletDataset`` (samples one positive
-and k negatives per query, seeded by (seed, epoch, index)) -> ``TripletCollator`` (dynamic padding,
-document layout of ``finetune.losses``).
+(``datasets.map`` through ``finetune.text``, cached by tokenizer and settings) -> ``TripletDataset``
+(samples one positive and k negatives per query, seeded by (seed, epoch, index); optional fields
+such as teacher scores follow the sampled documents) -> ``TripletCollator`` (dynamic padding,
+document layout of ``finetune.losses``). The samplers that feed it and ``build_train_sampler``
+live here too.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import os
@@ -19,12 +22,19 @@ import torch
 from torch.utils.data import Dataset, Sampler
 from transformers import PreTrainedTokenizerBase
 
-from finetune.schema import NEG_DOC, POS_DOC, QUESTION, SOURCE, DataFormatError, RecordProblem, expand_data_files, read_records
+from finetune.schema import (NEG_DOC, NEG_SCORES, OPTIONAL_FIELDS, POS_DOC, POS_SCORES, QUESTION, SOURCE,
+                             DataFormatError, RecordProblem, expand_data_files, read_records)
+from finetune.text import TextSide
 
+# Optional record fields travel as nullable columns: None where a record does not carry them.
+OPTIONAL_FEATURES = {POS_SCORES: datasets.List(datasets.Value("float32")),
+                     NEG_SCORES: datasets.List(datasets.Value("float32"))}
+assert set(OPTIONAL_FEATURES) == set(OPTIONAL_FIELDS), "every optional schema field needs a column type"
 RAW_FEATURES = datasets.Features({
     QUESTION: datasets.Value("string"),
     POS_DOC: datasets.List(datasets.Value("string")),
     NEG_DOC: datasets.List(datasets.Value("string")),
+    **OPTIONAL_FEATURES,
     SOURCE: datasets.Value("string"),
 })
 TOKENIZED_FEATURES = datasets.Features({
@@ -33,6 +43,7 @@ TOKENIZED_FEATURES = datasets.Features({
     "neg_input_ids": datasets.List(datasets.List(datasets.Value("int32"))),
     "pos_keys": datasets.List(datasets.Value("int64")),
     "neg_keys": datasets.List(datasets.Value("int64")),
+    **OPTIONAL_FEATURES,
     SOURCE: datasets.Value("string"),
 })
 
@@ -44,7 +55,9 @@ def text_key(text: str) -> int:
 
 def _generate_records(files: list[str], stamps: list) -> Iterator[dict]:
     # ``stamps`` is unused here; it is part of gen_kwargs so that the datasets cache key changes with the files.
-    yield from read_records(files)
+    absent = dict.fromkeys(OPTIONAL_FIELDS)
+    for record in read_records(files):
+        yield {**absent, **record}
 
 
 def load_raw_dataset(patterns: str | list[str]) -> datasets.Dataset:
@@ -66,15 +79,9 @@ def load_raw_dataset(patterns: str | list[str]) -> datasets.Dataset:
         raise
 
 
-def _tokenize_batch(batch: dict, tokenizer, query_prefix: str, passage_prefix: str,
-                    query_max_length: int, passage_max_length: int) -> dict:
-    def tokenize(texts: list[str], prefix: str, max_length: int) -> list[list[int]]:
-        if not texts:
-            return []
-        return tokenizer([prefix + text for text in texts], truncation=True, max_length=max_length)["input_ids"]
-
+def _tokenize_batch(batch: dict, tokenizer, query: TextSide, document: TextSide) -> dict:
     def tokenize_lists(lists: list[list[str]]) -> list[list[list[int]]]:
-        flat = tokenize([text for texts in lists for text in texts], passage_prefix, passage_max_length)
+        flat = document.input_ids(tokenizer, [text for texts in lists for text in texts])
         out, start = [], 0
         for texts in lists:
             out.append(flat[start:start + len(texts)])
@@ -82,11 +89,12 @@ def _tokenize_batch(batch: dict, tokenizer, query_prefix: str, passage_prefix: s
         return out
 
     return {
-        "query_input_ids": tokenize(batch[QUESTION], query_prefix, query_max_length),
+        "query_input_ids": query.input_ids(tokenizer, batch[QUESTION]),
         "pos_input_ids": tokenize_lists(batch[POS_DOC]),
         "neg_input_ids": tokenize_lists(batch[NEG_DOC]),
         "pos_keys": [[text_key(text) for text in texts] for texts in batch[POS_DOC]],
         "neg_keys": [[text_key(text) for text in texts] for texts in batch[NEG_DOC]],
+        **{key: batch[key] for key in OPTIONAL_FIELDS},
         SOURCE: batch[SOURCE],
     }
 
@@ -107,20 +115,19 @@ def _tokenizer_fingerprint(tokenizer: PreTrainedTokenizerBase) -> str:
     return hashlib.sha256(description.encode("utf-8")).hexdigest()
 
 
-def tokenize_dataset(raw: datasets.Dataset, tokenizer: PreTrainedTokenizerBase, *, query_prefix: str = "",
-                     passage_prefix: str = "", query_max_length: int = 64, passage_max_length: int = 256,
+def tokenize_dataset(raw: datasets.Dataset, tokenizer: PreTrainedTokenizerBase, *,
+                     query: TextSide = TextSide(max_length=64), document: TextSide = TextSide(max_length=256),
                      num_proc: int | None = None) -> datasets.Dataset:
-    """Tokenize every query (with ``query_prefix``) and document (with ``passage_prefix``) once.
+    """Tokenize every query and document once, each side with its prompt and length (``finetune.text``).
 
     Columns: query_input_ids (T,), pos_input_ids / neg_input_ids (n, T), pos_keys / neg_keys (n,)
-    content hashes, source. Cached: the fingerprint covers the raw data, the tokenizer's full
-    definition, the prefixes and the lengths.
+    content hashes, the optional fields (None when absent), source. Cached: the fingerprint covers
+    the raw data, the tokenizer's full definition and both sides' settings.
     """
-    settings = dict(query_prefix=query_prefix, passage_prefix=passage_prefix,
-                    query_max_length=query_max_length, passage_max_length=passage_max_length)
+    settings = {"query": dataclasses.asdict(query), "document": dataclasses.asdict(document)}
     fingerprint = hashlib.sha256(json.dumps(
-        [raw._fingerprint, _tokenizer_fingerprint(tokenizer), settings, "v1"], sort_keys=True).encode()).hexdigest()[:32]
-    return raw.map(_tokenize_batch, batched=True, fn_kwargs={"tokenizer": tokenizer, **settings},
+        [raw._fingerprint, _tokenizer_fingerprint(tokenizer), settings, "v2"], sort_keys=True).encode()).hexdigest()[:32]
+    return raw.map(_tokenize_batch, batched=True, fn_kwargs={"tokenizer": tokenizer, "query": query, "document": document},
                    remove_columns=raw.column_names, features=TOKENIZED_FEATURES, new_fingerprint=fingerprint,
                    num_proc=num_proc, desc="Tokenizing")
 
@@ -146,7 +153,8 @@ class TripletDataset(Dataset):
     ``dataset[i]`` uses epoch 0; ``dataset[(epoch, i)]`` (what EpochShuffleSampler yields) makes the
     draw change with the epoch. Negatives are drawn without replacement when the record has at
     least k, with replacement otherwise (NeMo's ``hard_negatives_to_train``). The draw depends
-    only on (seed, epoch, i), so a resumed run sees the same examples.
+    only on (seed, epoch, i), so a resumed run sees the same examples. Records with teacher scores
+    also give ``doc_scores``, aligned with ``doc_input_ids``.
     """
 
     def __init__(self, tokenized: datasets.Dataset, num_hard_negatives: int, seed: int = 42):
@@ -165,11 +173,14 @@ class TripletDataset(Dataset):
         positive = int(rng.integers(len(row["pos_keys"])))
         available = len(row["neg_keys"])
         negatives = rng.choice(available, size=k, replace=available < k).tolist() if k else []
-        return {
+        example = {
             "query_input_ids": row["query_input_ids"],
             "doc_input_ids": [row["pos_input_ids"][positive]] + [row["neg_input_ids"][n] for n in negatives],
             "doc_keys": [row["pos_keys"][positive]] + [row["neg_keys"][n] for n in negatives],
         }
+        if row[POS_SCORES] is not None and row[NEG_SCORES] is not None:  # teacher scores of the sampled documents
+            example["doc_scores"] = [row[POS_SCORES][positive]] + [row[NEG_SCORES][n] for n in negatives]
+        return example
 
 
 class EpochShuffleSampler(Sampler):
@@ -227,6 +238,16 @@ class LengthGroupedEpochSampler(EpochShuffleSampler):
                     yield (self.epoch, index)
 
 
+def build_train_sampler(dataset: "TripletDataset", strategy: str, batch_size: int, seed: int) -> EpochShuffleSampler:
+    """The sampler of ``--train_sampling_strategy``: random, group_by_length or sequential (validated by the arguments).
+
+    Every sampler yields ``(epoch, index)`` keys for TripletDataset.
+    """
+    if strategy == "group_by_length":
+        return LengthGroupedEpochSampler(example_lengths(dataset.tokenized), batch_size, seed=seed)
+    return EpochShuffleSampler(len(dataset), seed=seed, shuffle=strategy != "sequential")
+
+
 def example_lengths(tokenized: datasets.Dataset) -> list[int]:
     """Per record, the token count of its longest document (positives and negatives): what pads a document batch.
 
@@ -263,7 +284,8 @@ class TripletCollator:
     """Examples of TripletDataset -> one batch with dynamic padding.
 
     Output: query_input_ids / query_attention_mask (B, Tq); doc_input_ids / doc_attention_mask
-    (B*(1+k), Td) ordered [positives..., negatives of query 0, of query 1, ...]; doc_keys (B*(1+k),).
+    (B*(1+k), Td) ordered [positives..., negatives of query 0, of query 1, ...]; doc_keys (B*(1+k),);
+    doc_scores (B*(1+k),) float32 teacher scores in the same order, only when every example has them.
     """
 
     def __init__(self, tokenizer: PreTrainedTokenizerBase, pad_to_multiple_of: int | None = None):
@@ -281,6 +303,10 @@ class TripletCollator:
                                               self.padding_side, self.pad_to_multiple_of)
         doc_ids, doc_mask = pad_sequences(positives + negatives, self.pad_token_id, self.padding_side,
                                           self.pad_to_multiple_of)
-        return {"query_input_ids": query_ids, "query_attention_mask": query_mask,
-                "doc_input_ids": doc_ids, "doc_attention_mask": doc_mask,
-                "doc_keys": torch.tensor(keys, dtype=torch.long)}
+        batch = {"query_input_ids": query_ids, "query_attention_mask": query_mask,
+                 "doc_input_ids": doc_ids, "doc_attention_mask": doc_mask,
+                 "doc_keys": torch.tensor(keys, dtype=torch.long)}
+        if all("doc_scores" in feature for feature in features):
+            scores = [f["doc_scores"][0] for f in features] + [s for f in features for s in f["doc_scores"][1:]]
+            batch["doc_scores"] = torch.tensor(scores, dtype=torch.float32)
+        return batch

@@ -4,21 +4,31 @@ The metric maths lives once, in the `evaluate` module ``finetune/metrics/retriev
 are ranked with trec_eval's tie order (score, then document id, descending), so the numbers
 equal ir_measures / pytrec_eval on the same run: nDCG@10, MRR@10, Recall@1/10/100, MAP@100.
 Every query of the qrels counts, as in pytrec_eval: one missing from the run, or without any
-relevant document, scores 0.
+relevant document, scores 0. Documents are ranked by the similarity the model declares (cosine
+for every model this project saves, also with ``--normalize false``; or dot product).
+
+During training the trainer is handed a :class:`RetrievalEvaluator`; ``python -m finetune.evaluate``
+uses :func:`evaluate_model` on any SentenceTransformer-loadable model.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
-
 import os
+import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
 import torch
+import torch.nn.functional as F
 
+from finetune.distributed import encode_sharded
 from finetune.metrics.retrieval.retrieval import METRIC_NAMES, mean_metrics, query_metrics
 from finetune.search import chunked_topk
+from finetune.text import TextSide
+
+SIMILARITIES = ("cosine", "dot")
 
 Run = dict[str, dict[str, float]]  # query id -> {doc id: score}
 Qrels = dict[str, dict[str, int]]  # query id -> {doc id: relevance}
@@ -105,19 +115,87 @@ def in_group_metrics(query_emb: torch.Tensor, corpus_emb: torch.Tensor, query_in
             "ingroup_mrr": sum(reciprocal_ranks) / len(reciprocal_ranks)}
 
 
+def in_similarity_space(embeddings: torch.Tensor, similarity: str) -> torch.Tensor:
+    """Embeddings whose dot products are the ``similarity`` scores: unit rows for cosine, unchanged for dot.
+
+    Rows that are already unit vectors (normalising models) are left untouched, bit for bit.
+    """
+    if similarity not in SIMILARITIES:
+        raise ValueError(f"Similarity {similarity!r} is not supported for retrieval evaluation; expected one of "
+                         f"{SIMILARITIES}.")
+    if similarity == "dot":
+        return embeddings
+    norms = embeddings.norm(dim=-1)
+    if torch.allclose(norms, torch.ones_like(norms), atol=1e-5):
+        return embeddings
+    return F.normalize(embeddings, dim=-1)
+
+
 def evaluate_retrieval(encode_queries: Callable[[list[str]], torch.Tensor],
                        encode_documents: Callable[[list[str]], torch.Tensor],
-                       dataset: RetrievalSet, top_k: int = 100) -> dict[str, float]:
-    """Encode queries and corpus with the given functions ((N, D) tensors), search exactly, and score.
+                       dataset: RetrievalSet, top_k: int = 100, similarity: str = "cosine") -> dict[str, float]:
+    """Encode queries and corpus with the given functions ((N, D) tensors), search exactly by ``similarity``, and score.
 
     Returns METRIC_NAMES plus, when the set has groups, the in-group metrics.
     """
     query_ids, doc_ids = list(dataset.queries), list(dataset.corpus)
-    query_emb = encode_queries([dataset.queries[qid] for qid in query_ids]).float()
-    corpus_emb = encode_documents([dataset.corpus[did] for did in doc_ids]).float()
+    query_emb = in_similarity_space(encode_queries([dataset.queries[qid] for qid in query_ids]).float(), similarity)
+    corpus_emb = in_similarity_space(encode_documents([dataset.corpus[did] for did in doc_ids]).float(), similarity)
     metrics = compute_metrics(search(query_emb, corpus_emb, query_ids, doc_ids, top_k), dataset.qrels)
     metrics.update(in_group_metrics(query_emb, corpus_emb, {q: i for i, q in enumerate(query_ids)},
                                     {d: i for i, d in enumerate(doc_ids)}, dataset))
+    return metrics
+
+
+class RetrievalEvaluator:
+    """Retrieval metrics of the model being trained on a fixed :class:`RetrievalSet` (sentence-transformers' ``evaluator=``).
+
+    Texts are tokenized as in training (``query``/``document`` sides, ``finetune.text``), encoded
+    sharded over the processes, and ranked by the model's similarity (cosine).
+    """
+
+    def __init__(self, dataset: RetrievalSet, *, query: TextSide, document: TextSide, batch_size: int = 32,
+                 top_k: int = 100):
+        self.dataset = dataset
+        self.query = query
+        self.document = document
+        self.batch_size = batch_size
+        self.top_k = top_k
+
+    def __call__(self, model, *, device: torch.device | None = None,
+                 autocast: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext) -> dict[str, float]:
+        """``model``: an unwrapped ``EmbeddingModel``; every process must call this together (sharded encoding)."""
+        device = device or next(model.parameters()).device
+
+        def encoder(side: TextSide) -> Callable[[list[str]], torch.Tensor]:
+            def encode(texts: list[str]) -> torch.Tensor:
+                with autocast():
+                    return model.encode(texts, side, batch_size=self.batch_size)
+            return lambda texts: encode_sharded(encode, texts, device)
+
+        return evaluate_retrieval(encoder(self.query), encoder(self.document), self.dataset, self.top_k,
+                                  similarity=model.similarity)
+
+
+def evaluate_model(model_name_or_path: str, dataset: RetrievalSet, *, batch_size: int, max_seq_length: int | None,
+                   show_progress_bar: bool = True) -> dict:
+    """Retrieval metrics of any SentenceTransformer-loadable model, with its saved ``query``/``document`` prompts
+    and its declared similarity; adds ``seconds``."""
+    from sentence_transformers import SentenceTransformer
+
+    model = SentenceTransformer(model_name_or_path, device="cuda" if torch.cuda.is_available() else "cpu")
+    if max_seq_length:
+        model.max_seq_length = max_seq_length
+
+    def encode(texts: list[str], prompt_name: str) -> torch.Tensor:
+        prompt = prompt_name if prompt_name in model.prompts else None
+        return model.encode(texts, prompt_name=prompt, batch_size=batch_size, convert_to_tensor=True,
+                            show_progress_bar=show_progress_bar).float().cpu()
+
+    start = time.perf_counter()
+    metrics = evaluate_retrieval(lambda texts: encode(texts, "query"), lambda texts: encode(texts, "document"), dataset,
+                                 similarity=getattr(model.similarity_fn_name, "value", model.similarity_fn_name) or "cosine")
+    metrics["seconds"] = time.perf_counter() - start
     return metrics
 
 

@@ -67,3 +67,30 @@ def backward_through_chunks(model: Callable, chunks: list[Chunk], embedding_grad
             with autocast():
                 embedding = model(chunk.input_ids, chunk.attention_mask)
             backward((embedding.float() * grad).sum())  # d(sum emb * g)/d(emb) = g
+
+
+def cached_training_step(model: Callable, inputs: dict[str, torch.Tensor], mini_batch_size: int,
+                         loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor | None], *,
+                         backward: Callable[[torch.Tensor], None],
+                         no_sync: Callable[[], contextlib.AbstractContextManager],
+                         autocast: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext,
+                         ) -> torch.Tensor | None:
+    """One GradCache step over a TripletCollator batch: the full batch's loss, mini-batch memory.
+
+    ``loss_fn(query_emb (B, D), doc_emb (B*(1+k), D))`` is the objective on the detached
+    embeddings (it may gather them across processes); it returns None to skip the batch, which
+    then gets no backward at all. Returns the detached loss, or None when skipped.
+    """
+    with autocast():
+        query_emb, query_chunks = embed_without_graph(model, inputs["query_input_ids"], inputs["query_attention_mask"],
+                                                      mini_batch_size)
+        doc_emb, doc_chunks = embed_without_graph(model, inputs["doc_input_ids"], inputs["doc_attention_mask"],
+                                                  mini_batch_size)
+    query_emb, doc_emb = query_emb.requires_grad_(), doc_emb.requires_grad_()
+    loss = loss_fn(query_emb, doc_emb)
+    if loss is None:
+        return None
+    query_grad, doc_grad = torch.autograd.grad(loss, [query_emb, doc_emb])
+    backward_through_chunks(model, query_chunks + doc_chunks, torch.cat([query_grad, doc_grad]),
+                            backward=backward, no_sync=no_sync, autocast=autocast)
+    return loss.detach()

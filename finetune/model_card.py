@@ -25,6 +25,8 @@ from pathlib import Path
 import jinja2
 import yaml
 
+from finetune.checkpointing import write_text_atomic
+
 CARD_FILE = "README.md"
 TRAINING_RUN_FILE = "training_run.json"
 RETRIEVAL_METRICS_FILE = "retrieval_metrics.json"
@@ -53,17 +55,6 @@ def _read_json(path: str | Path) -> dict | list | None:
             return json.load(handle)
     except (OSError, ValueError):
         return None
-
-
-def _write_atomically(path: str | Path, text: str) -> None:
-    """Write ``text`` to a temporary file next to ``path`` and rename it over: readers never see half a file."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        tmp.write_text(text, encoding="utf-8")
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
 
 
 def hub_repo_id(name_or_path: str | None, kind: str = "models") -> str | None:
@@ -119,7 +110,7 @@ def save_training_run(output_dir: str, model_args, data_args, training_args, *, 
         "tracking_url": tracking_url,
     }
     path = Path(output_dir, TRAINING_RUN_FILE)
-    _write_atomically(path, json.dumps(run, indent=2) + "\n")
+    write_text_atomic(path, json.dumps(run, indent=2) + "\n")
     return str(path)
 
 
@@ -197,21 +188,29 @@ def _evaluations(output_dir: Path, log_history: list[dict], base_model: str) -> 
 
 
 def _training_curve(log_history: list[dict]) -> list[dict]:
-    """Training loss (and validation loss / nDCG@10 where evaluated) per logged step, at most ~20 rows."""
+    """Training loss, the objective's components (``loss_<name>``), and validation loss / nDCG@10 where evaluated,
+    per logged step, at most ~20 rows."""
     by_step: dict[int, dict] = {}
     for entry in log_history:
-        row = by_step.setdefault(entry.get("step", 0), {"step": entry.get("step", 0), "epoch": float(entry.get("epoch", 0))})
+        row = by_step.setdefault(entry.get("step", 0), {"step": entry.get("step", 0), "epoch": float(entry.get("epoch", 0)),
+                                                        "components": {}})
         if "loss" in entry:
             row["loss"] = entry["loss"]
+            row["components"].update({key: value for key, value in entry.items() if key.startswith("loss_")})
         if "eval_loss" in entry:
             row["eval_loss"] = entry["eval_loss"]
         if "eval_ndcg@10" in entry:
             row["eval_ndcg"] = entry["eval_ndcg@10"]
-    rows = [row for _, row in sorted(by_step.items()) if len(row) > 2]
+    rows = [row for _, row in sorted(by_step.items()) if len(row) > 3]
     if len(rows) > _CURVE_ROWS:
         keep = sorted({round(i * (len(rows) - 1) / (_CURVE_ROWS - 1)) for i in range(_CURVE_ROWS)})
         rows = [rows[i] for i in keep]
     return rows
+
+
+def _curve_components(curve: list[dict]) -> list[str]:
+    """The component names logged in the curve (``loss_ranking``...), in first-seen order."""
+    return list(dict.fromkeys(name for row in curve for name in row["components"]))
 
 
 def _model_index(name: str, final_retrieval: dict[str, float], dataset_name: str) -> list[dict] | None:
@@ -240,6 +239,7 @@ def build_card_context(output_dir: str, *, repo_id: str | None = None, datasets:
     base_model = run.get("base_model")
     base_model_id = run.get("base_model_id")
     evaluations = _evaluations(folder, log_history, base_model)
+    curve = _training_curve(log_history)
     name = (repo_id or folder.resolve().name).rsplit("/", 1)[-1]
     dataset_ids = sorted({*(run.get("datasets") or []), *(datasets or [])})
     eval_set = ", ".join(run.get("validation_files") or []) or "held-out set"
@@ -284,7 +284,8 @@ def build_card_context(output_dir: str, *, repo_id: str | None = None, datasets:
         "scored_batch": scored_batch,
         "scale": round(1.0 / run["temperature"], 4) if run.get("temperature") else None,
         "options": run.get("non_default_options") or {},
-        "curve": _training_curve(log_history),
+        "curve": curve,
+        "curve_components": _curve_components(curve),
         **evaluations,
     }
 
@@ -319,5 +320,5 @@ def write_model_card(output_dir: str, *, repo_id: str | None = None, datasets: l
     """Render the card from ``output_dir``'s files into ``output_dir/README.md`` (atomically); returns its path."""
     text = render_model_card(build_card_context(output_dir, repo_id=repo_id, datasets=datasets))
     path = Path(output_dir, CARD_FILE)
-    _write_atomically(path, text)
+    write_text_atomic(path, text)
     return str(path)

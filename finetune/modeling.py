@@ -15,6 +15,7 @@ from transformers import AutoModel, AutoTokenizer, PreTrainedTokenizerBase
 from finetune.packing import enable_padding_free, encode_packed
 from finetune.pooling import pool
 from finetune.st_layout import read_sentence_transformer_config, write_sentence_transformer_files
+from finetune.text import TextSide
 
 
 def _load_encoder(model_name_or_path: str, subfolder: str, trust_remote_code: bool) -> nn.Module:
@@ -53,14 +54,15 @@ class ModelLoadError(ValueError):
 class EmbeddingModel(nn.Module):
     """Encoder + pooling (+ normalisation), with the metadata needed to save a SentenceTransformer.
 
-    ``query_prefix``/``passage_prefix`` and ``max_seq_length`` are only written on save; the
-    data pipeline applies prefixes and truncation before tokens reach ``forward``.
+    ``query_prefix``/``document_prefix`` and ``max_seq_length`` are only written on save (as the
+    ``query``/``document`` prompts); the data pipeline applies prompts and truncation
+    (``finetune.text``) before tokens reach ``forward``. Similarity is cosine, as in training.
     ``padding_free``: run the encoder on real tokens only (``finetune.packing``) when the model
     supports it; the embeddings are the same as with padded batches.
     """
 
     def __init__(self, encoder: nn.Module, tokenizer: PreTrainedTokenizerBase, *, pooling: str, normalize: bool,
-                 query_prefix: str = "", passage_prefix: str = "", max_seq_length: int = 512,
+                 query_prefix: str = "", document_prefix: str = "", max_seq_length: int = 512,
                  padding_free: bool = False):
         super().__init__()
         self.encoder = encoder
@@ -69,7 +71,7 @@ class EmbeddingModel(nn.Module):
         self.pooling = pooling
         self.normalize = normalize
         self.query_prefix = query_prefix
-        self.passage_prefix = passage_prefix
+        self.document_prefix = document_prefix
         self.max_seq_length = max_seq_length
 
     @classmethod
@@ -105,6 +107,11 @@ class EmbeddingModel(nn.Module):
     def config(self):
         """The encoder's HF config (the Trainer's DeepSpeed integration sizes its buckets from hidden_size)."""
         return self.encoder.config
+
+    @property
+    def similarity(self) -> str:
+        """The similarity the saved model declares (``similarity_fn_name``): cosine, as the ranking loss scores."""
+        return "cosine"
 
     @property
     def embedding_dimension(self) -> int:
@@ -145,7 +152,7 @@ class EmbeddingModel(nn.Module):
             normalize=self.normalize,
             max_seq_length=self.max_seq_length,
             query_prefix=self.query_prefix,
-            passage_prefix=self.passage_prefix,
+            document_prefix=self.document_prefix,
             versions={"sentence_transformers": sentence_transformers.__version__,
                       "transformers": transformers.__version__, "pytorch": torch.__version__},
         )
@@ -162,16 +169,20 @@ class EmbeddingModel(nn.Module):
             load_sharded_checkpoint(self.encoder, folder, strict=True)
 
     @torch.no_grad()
-    def encode(self, texts: list[str], *, prefix: str = "", max_length: int | None = None,
+    def encode(self, texts: list[str], side: TextSide | None = None, *, prefix: str = "", max_length: int | None = None,
                batch_size: int = 64) -> torch.Tensor:
-        """Embed raw texts exactly as training does (prefix, truncation, pooling): (N, D) fp32 on CPU."""
+        """Embed raw texts exactly as training does (prompt, truncation, pooling): (N, D) fp32 on CPU.
+
+        ``side`` says how texts are tokenized (``finetune.text``); without it, ``prefix`` and
+        ``max_length`` (default: the model's ``max_seq_length``) describe it.
+        """
+        side = side or TextSide(prefix, max_length or self.max_seq_length)
         was_training = self.training
         self.eval()
         device = next(self.parameters()).device
         chunks = []
         for start in range(0, len(texts), batch_size):
-            batch = self.tokenizer([prefix + text for text in texts[start:start + batch_size]], padding=True,
-                                   truncation=True, max_length=max_length or self.max_seq_length, return_tensors="pt")
+            batch = side.tokenize(self.tokenizer, texts[start:start + batch_size], padding=True, return_tensors="pt")
             chunks.append(self(batch["input_ids"].to(device), batch["attention_mask"].to(device)).float().cpu())
         self.train(was_training)
         return torch.cat(chunks) if chunks else torch.empty(0, self.embedding_dimension)

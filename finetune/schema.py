@@ -4,6 +4,11 @@ A record is ``{"question": str, "pos_doc": [str, ...], "neg_doc": [str, ...]}``:
 a non-empty string, ``pos_doc`` a non-empty list of non-empty strings, ``neg_doc`` a list of
 non-empty strings (may be empty, may be absent = empty). Files are JSON Lines or one JSON array,
 optionally gzip-compressed (``.gz``). Shared by ``finetune.data`` and ``data_prep``.
+
+Optional fields (``OPTIONAL_FIELDS``) are validated when present and carried through the
+pipeline; any other key is ignored. Today: teacher scores aligned with the document lists,
+``"pos_scores": [7.1]`` and ``"neg_scores": [2.3, -0.4]`` (finite numbers, one per document).
+A new optional field is one entry in ``OPTIONAL_FIELDS`` plus its check.
 """
 
 from __future__ import annotations
@@ -11,11 +16,16 @@ from __future__ import annotations
 import glob
 import gzip
 import json
+import math
 import os
 from collections.abc import Iterator
 from dataclasses import dataclass
 
 QUESTION, POS_DOC, NEG_DOC = "question", "pos_doc", "neg_doc"
+POS_SCORES, NEG_SCORES = "pos_scores", "neg_scores"
+# Teacher scores: each list is aligned with the document list it scores.
+SCORED_LISTS = {POS_SCORES: POS_DOC, NEG_SCORES: NEG_DOC}
+OPTIONAL_FIELDS = tuple(SCORED_LISTS)
 SOURCE = "source"  # where a record came from, added by read_records
 
 
@@ -86,12 +96,49 @@ def check_record(record) -> list[tuple[str | None, str]]:
         problems.extend(_check_text_list(record, POS_DOC, allow_empty=False))
     if NEG_DOC in record:
         problems.extend(_check_text_list(record, NEG_DOC, allow_empty=True))
+    for scores_key, docs_key in SCORED_LISTS.items():
+        if scores_key in record:
+            problems.extend(_check_scores(record, scores_key, docs_key))
+    if POS_SCORES in record and record.get(NEG_DOC) and NEG_SCORES not in record:
+        problems.append((NEG_SCORES, f"missing while '{POS_SCORES}' is given; teacher scores must cover every document "
+                                     f"(one number per {NEG_DOC} entry)"))
+    if NEG_SCORES in record and POS_SCORES not in record:
+        problems.append((POS_SCORES, f"missing while '{NEG_SCORES}' is given; teacher scores must cover every document "
+                                     f"(one number per {POS_DOC} entry)"))
+    return problems
+
+
+def _check_scores(record: dict, scores_key: str, docs_key: str) -> list[tuple[str, str]]:
+    """A list of finite numbers, one per entry of ``record[docs_key]``."""
+    value = record[scores_key]
+    if not isinstance(value, list):
+        return [(scores_key, f"expected a list of numbers (one per {docs_key} entry), got {_describe(value)}")]
+    problems = []
+    documents = record.get(docs_key, [])
+    if isinstance(documents, list) and len(value) != len(documents):
+        problems.append((scores_key, f"has {len(value)} score(s) but {docs_key} has {len(documents)} document(s); "
+                                     "expected one score per document, in the same order"))
+    for position, item in enumerate(value):
+        if isinstance(item, bool) or not isinstance(item, (int, float)):
+            problems.append((f"{scores_key}[{position}]", f"expected a number, got {_describe(item)}"))
+        elif not math.isfinite(item):
+            problems.append((f"{scores_key}[{position}]", f"expected a finite number, got {item}"))
     return problems
 
 
 def normalize_record(record: dict) -> dict:
-    """The record reduced to the three schema fields (absent ``neg_doc`` becomes [])."""
-    return {QUESTION: record[QUESTION], POS_DOC: list(record[POS_DOC]), NEG_DOC: list(record.get(NEG_DOC, []))}
+    """The record reduced to the schema's fields: the three seed fields (absent ``neg_doc`` becomes []) and
+    the optional fields it carries (``OPTIONAL_FIELDS``); other keys (``source`` included) are dropped.
+
+    The one normaliser of the project: the training reader and every data_prep tool use it.
+    """
+    normalized = {QUESTION: record[QUESTION], POS_DOC: list(record[POS_DOC]), NEG_DOC: list(record.get(NEG_DOC, []))}
+    for key in OPTIONAL_FIELDS:
+        if key in record:
+            normalized[key] = [float(value) for value in record[key]]
+    if POS_SCORES in normalized and not normalized[NEG_DOC]:
+        normalized.setdefault(NEG_SCORES, [])
+    return normalized
 
 
 def expand_data_files(patterns: str | list[str]) -> list[str]:

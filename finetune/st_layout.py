@@ -94,7 +94,7 @@ def write_sentence_transformer_files(
     normalize: bool,
     max_seq_length: int,
     query_prefix: str,
-    passage_prefix: str,
+    document_prefix: str,
     versions: dict[str, str],
 ) -> None:
     """Write modules.json, the pooling/normalize folders, sentence_bert_config.json and the prompts.
@@ -114,7 +114,7 @@ def write_sentence_transformer_files(
     pooling_config.update({key: mode == pooling for mode, key in _LEGACY_POOLING_KEYS.items()})
     st_config = {
         "__version__": versions,
-        "prompts": {QUERY_PROMPT_NAME: query_prefix, DOCUMENT_PROMPT_NAME: passage_prefix},
+        "prompts": {QUERY_PROMPT_NAME: query_prefix, DOCUMENT_PROMPT_NAME: document_prefix},
         "default_prompt_name": None,
         "similarity_fn_name": "cosine",
     }

@@ -13,27 +13,21 @@ from __future__ import annotations
 
 import logging
 import os
-import re
 import sys
-from pathlib import Path
 
-# `accelerate launch finetune/train.py` puts this folder first on sys.path; drop it so that our
-# module names (e.g. finetune/evaluate.py) cannot shadow installed packages of the same name.
-_HERE = Path(__file__).resolve().parent
-sys.path[:] = [entry for entry in sys.path if Path(entry or ".").resolve() != _HERE]
+import transformers
 
-import transformers  # noqa: E402
-
-from finetune.arguments import DataArguments, EmbeddingTrainingArguments, ModelArguments  # noqa: E402
-from finetune.config import ConfigError, launch_defaults, parse_arguments  # noqa: E402
-from finetune.data import (TripletCollator, TripletDataset, check_enough_negatives, load_raw_dataset,  # noqa: E402
-                           tokenize_dataset)
-from finetune.evaluation import load_retrieval_set, retrieval_set_from_records, with_extra_corpus  # noqa: E402
-from finetune.hub import HubPushError, SentenceTransformerHubMixin  # noqa: E402
-from finetune.modeling import EmbeddingModel, ModelLoadError  # noqa: E402
-from finetune.schema import DataFormatError  # noqa: E402
-from finetune.sharing import configure_tracking, share  # noqa: E402
-from finetune.trainer import CHECKPOINT_COMPLETE, EmbeddingTrainer, NonFiniteError  # noqa: E402
+from finetune.arguments import DataArguments, EmbeddingTrainingArguments, ModelArguments
+from finetune.checkpointing import last_complete_checkpoint
+from finetune.config import ConfigError, launch_defaults, parse_arguments
+from finetune.data import TripletCollator, TripletDataset, check_enough_negatives, load_raw_dataset, tokenize_dataset
+from finetune.evaluation import RetrievalEvaluator, load_retrieval_set, retrieval_set_from_records, with_extra_corpus
+from finetune.hub import HubPushError, SentenceTransformerHubMixin
+from finetune.modeling import EmbeddingModel, ModelLoadError
+from finetune.monitoring import NonFiniteError
+from finetune.schema import DataFormatError
+from finetune.sharing import configure_tracking, share
+from finetune.trainer import EmbeddingTrainer
 
 logger = logging.getLogger("finetune.train")
 
@@ -44,18 +38,6 @@ class HubEmbeddingTrainer(SentenceTransformerHubMixin, EmbeddingTrainer):
 
 class OutputDirError(ValueError):
     """The output directory cannot be used as asked."""
-
-
-def last_complete_checkpoint(output_dir: str) -> str | None:
-    """The newest ``checkpoint-N`` holding the completion marker; cut-short ones are skipped with a warning."""
-    checkpoints = sorted((int(match.group(1)), name) for name in os.listdir(output_dir)
-                         if (match := re.fullmatch(r"checkpoint-(\d+)", name)) and os.path.isdir(os.path.join(output_dir, name)))
-    for _step, name in reversed(checkpoints):
-        folder = os.path.join(output_dir, name)
-        if os.path.isfile(os.path.join(folder, CHECKPOINT_COMPLETE)):
-            return folder
-        logger.warning("Skipping %s: it was not completely written (the run was stopped while saving).", folder)
-    return None
 
 
 def check_writable(output_dir: str) -> None:
@@ -130,13 +112,10 @@ def build_datasets(data_args: DataArguments, training_args: EmbeddingTrainingArg
     """Validated, tokenized train (and validation) TripletDatasets; validation is None when not given."""
     def build(files: list[str]) -> TripletDataset:
         raw = load_raw_dataset(files)
-        tokenized = tokenize_dataset(raw, tokenizer, query_prefix=data_args.query_prefix,
-                                     passage_prefix=data_args.passage_prefix,
-                                     query_max_length=data_args.query_max_length,
-                                     passage_max_length=data_args.passage_max_length,
+        tokenized = tokenize_dataset(raw, tokenizer, query=data_args.query_side, document=data_args.document_side,
                                      num_proc=data_args.preprocessing_num_workers)
         check_enough_negatives(tokenized, data_args.num_hard_negatives)
-        return TripletDataset(tokenized, data_args.num_hard_negatives, seed=training_args.seed)
+        return TripletDataset(tokenized, data_args.num_hard_negatives, seed=training_args.data_order_seed)
 
     with training_args.main_process_first(desc="dataset preparation"):
         train_dataset = build(data_args.train_file)
@@ -168,8 +147,7 @@ def run(model_args: ModelArguments, data_args: DataArguments, training_args: Emb
     model = EmbeddingModel.from_pretrained(
         model_args.model_name_or_path, pooling=model_args.pooling, normalize=model_args.normalize,
         trust_remote_code=model_args.trust_remote_code, padding_free=model_args.padding_free,
-        query_prefix=data_args.query_prefix,
-        passage_prefix=data_args.passage_prefix,
+        query_prefix=data_args.query_prefix, document_prefix=data_args.passage_prefix,
         max_seq_length=max(data_args.query_max_length, data_args.passage_max_length))
     train_dataset, eval_dataset = build_datasets(data_args, training_args, model.tokenizer)
     if training_args.torch_compile and model.position_rule is not None:
@@ -190,11 +168,12 @@ def run(model_args: ModelArguments, data_args: DataArguments, training_args: Emb
 
     pad_multiple = 8 if (training_args.fp16 or training_args.bf16) else None
     configure_tracking(training_args)
+    evaluator = None if retrieval_set is None else RetrievalEvaluator(
+        retrieval_set, query=data_args.query_side, document=data_args.document_side,
+        batch_size=training_args.per_device_eval_batch_size)
     trainer = HubEmbeddingTrainer(model=model, args=training_args, train_dataset=train_dataset,
                                   eval_dataset=eval_dataset, data_collator=TripletCollator(model.tokenizer, pad_multiple),
-                                  processing_class=model.tokenizer, retrieval_set=retrieval_set,
-                                  query_max_length=data_args.query_max_length,
-                                  passage_max_length=data_args.passage_max_length)
+                                  processing_class=model.tokenizer, evaluator=evaluator)
     train_result = trainer.train(resume_from_checkpoint=resume_from)
     trainer.save_model()
     metrics = dict(train_result.metrics)

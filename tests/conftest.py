@@ -15,6 +15,7 @@ os.environ.setdefault("HF_DATASETS_DISABLE_PROGRESS_BARS", "1")
 import json  # noqa: E402
 import random  # noqa: E402
 import shutil  # noqa: E402
+import signal  # noqa: E402
 import subprocess  # noqa: E402
 import sys  # noqa: E402
 from pathlib import Path  # noqa: E402
@@ -104,8 +105,17 @@ def launch_two_processes(script_args, config="cpu_multi_process.yaml", timeout=6
     """``accelerate launch`` with ``accelerate_configs/<config>`` from the repo root (configs name paths from it)."""
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     accelerate = str(Path(sys.executable).parent / "accelerate")
-    result = subprocess.run([accelerate, "launch", "--config_file", str(ROOT / "accelerate_configs" / config),
-                             *script_args], capture_output=True, text=True, timeout=timeout, env=env, cwd=ROOT)
+    command = [accelerate, "launch", "--config_file", str(ROOT / "accelerate_configs" / config), *script_args]
+    # A session of its own: on a timeout the launcher and its worker processes are killed together.
+    with subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=ROOT,
+                          start_new_session=True) as process:
+        try:
+            stdout, stderr = process.communicate(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            os.killpg(process.pid, signal.SIGKILL)
+            process.communicate()
+            raise
+    result = subprocess.CompletedProcess(command, process.returncode, stdout, stderr)
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-4000:]
     return result
 

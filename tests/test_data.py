@@ -13,6 +13,7 @@ from finetune import data as data_module
 from finetune.data import (EpochShuffleSampler, TripletCollator, TripletDataset, check_enough_negatives,
                            load_raw_dataset, tokenize_dataset)
 from finetune.schema import DataFormatError
+from finetune.text import TextSide
 
 GOOD = {"question": "q", "pos_doc": ["p"], "neg_doc": ["n1", "n2"]}
 
@@ -127,8 +128,7 @@ def tokenizer(tiny_bert):
 def test_tokenized_columns_apply_prefixes_and_lengths(tmp_path, tokenizer):
     records = make_records(4, num_negatives=2)
     raw = load_raw_dataset(write_jsonl(tmp_path / "d.jsonl", records))
-    tokenized = tokenize_dataset(raw, tokenizer, query_prefix="query: ", passage_prefix="passage: ",
-                                 query_max_length=6, passage_max_length=9)
+    tokenized = tokenize_dataset(raw, tokenizer, query=TextSide("query: ", 6), document=TextSide("passage: ", 9))
     row = tokenized[0]
     assert row["query_input_ids"] == tokenizer("query: " + records[0]["question"], truncation=True, max_length=6)["input_ids"]
     assert row["pos_input_ids"][0] == tokenizer("passage: " + records[0]["pos_doc"][0], truncation=True, max_length=9)["input_ids"]
@@ -144,7 +144,7 @@ def test_tokenization_is_cached(tmp_path, tokenizer, monkeypatch):
     monkeypatch.setattr(data_module, "_tokenize_batch", lambda *a, **k: calls.append(1) or original(*a, **k))
     again = tokenize_dataset(load_raw_dataset(str(tmp_path / "d.jsonl")), tokenizer)
     assert calls == [] and again.cache_files == first.cache_files
-    tokenize_dataset(raw, tokenizer, query_prefix="query: ")  # other settings: tokenized anew
+    tokenize_dataset(raw, tokenizer, query=TextSide("query: ", 64))  # other settings: tokenized anew
     assert calls
 
 
@@ -259,8 +259,8 @@ def test_length_grouped_sampler_groups_lengths_and_keeps_every_example_once():
 def test_example_lengths_are_the_longest_document(tokenizer, train_file):
     from finetune.data import example_lengths, load_raw_dataset, tokenize_dataset
 
-    tokenized = tokenize_dataset(load_raw_dataset([train_file]), tokenizer, query_max_length=32,
-                                 passage_max_length=64)
+    tokenized = tokenize_dataset(load_raw_dataset([train_file]), tokenizer, query=TextSide(max_length=32),
+                                 document=TextSide(max_length=64))
     expected = [max(len(doc) for doc in row["pos_input_ids"] + row["neg_input_ids"]) for row in tokenized]
     assert len(set(expected)) > 3
     assert example_lengths(tokenized) == expected

@@ -8,7 +8,8 @@ from hypothesis import given, settings, strategies as st
 
 from conftest import make_records, write_jsonl
 from data_prep import split
-from data_prep.records import normalize_text, seed_record
+from data_prep.records import normalize_text
+from finetune.schema import normalize_record
 from finetune.schema import read_records
 
 
@@ -20,7 +21,7 @@ def run(tmp_path, data, *argv, prefix="") -> tuple[list[dict], list[dict], dict]
 
 
 def read(path) -> list[dict]:
-    return [seed_record(record) for record in read_records(str(path))]  # without "source" (the file name)
+    return [normalize_record(record) for record in read_records(str(path))]  # without "source" (the file name)
 
 
 def questions(records) -> list[str]:

@@ -104,7 +104,7 @@ def write_beir(folder, records):
 
 def test_standalone_command_on_seed_file_and_beir_folder(tiny_bert, tmp_path, capsys):
     from conftest import make_records, write_jsonl
-    from finetune import evaluate
+    from finetune.evaluate import __main__ as evaluate
     from finetune.modeling import EmbeddingModel
 
     records = make_records(12, seed=5)

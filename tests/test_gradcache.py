@@ -63,7 +63,7 @@ def test_cached_small_chunks_equal_chunked_forward_with_graph(tiny_bert, tmp_pat
     chunks = lambda ids, mask: torch.cat([ref_model(ids[i:i + 5], mask[i:i + 5]) for i in range(0, len(ids), 5)])  # noqa: E731
     query_emb = chunks(batch["query_input_ids"], batch["query_attention_mask"])
     doc_emb = chunks(batch["doc_input_ids"], batch["doc_attention_mask"])
-    loss = reference.loss_from_embeddings(query_emb, doc_emb, batch["doc_keys"], gather=True)
+    loss = reference.objective_loss(query_emb, doc_emb, batch, training=True)
     loss.backward()
     assert cached_loss == pytest.approx(loss.item(), abs=1e-6)
     torch.testing.assert_close(cached, gradients(ref_model), atol=1e-6, rtol=1e-5)

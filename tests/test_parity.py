@@ -27,7 +27,7 @@ def assert_parity(model: EmbeddingModel, folder: str, query_prefix: str, passage
 @pytest.mark.parametrize("pooling, normalize", [("mean", True), ("cls", False), ("lasttoken", True)])
 def test_saved_folder_loads_with_sentence_transformers(tiny_bert, tmp_path, pooling, normalize):
     model = EmbeddingModel.from_pretrained(tiny_bert, pooling=pooling, normalize=normalize,
-                                           query_prefix="query: ", passage_prefix="passage: ", max_seq_length=64)
+                                           query_prefix="query: ", document_prefix="passage: ", max_seq_length=64)
     model.save_pretrained(str(tmp_path))
     assert_parity(model, str(tmp_path), "query: ", "passage: ")
     reloaded = EmbeddingModel.from_pretrained(str(tmp_path))

@@ -65,7 +65,7 @@ def test_checkpoint_without_completion_marker_is_skipped(tiny_bert, train_file, 
 
 
 def test_final_save_moves_modules_json_last(tmp_path):
-    from finetune.trainer import move_into_place
+    from finetune.checkpointing import move_into_place
 
     staging, output = tmp_path / "out" / ".saving", tmp_path / "out"
     (staging / "1_Pooling").mkdir(parents=True)

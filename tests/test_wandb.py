@@ -4,6 +4,7 @@ into an offline run under WANDB_DIR, with the project, group and name given on t
 import struct
 from pathlib import Path
 
+import pytest
 import wandb
 from wandb.proto import wandb_internal_pb2
 
@@ -67,6 +68,8 @@ def test_offline_wandb_run_has_project_group_config_and_metrics(tiny_bert, tmp_p
     steps = [row for row in history if "train/loss" in row]
     assert [row["train/global_step"] for row in steps] == ["1", "2"]
     assert all(float(row["train/loss"]) > 0 and "train/learning_rate" in row for row in steps)
+    # The objective's named components are logged with the loss (one objective: loss_ranking == loss).
+    assert all(float(row["train/loss_ranking"]) == pytest.approx(float(row["train/loss"]), rel=1e-4) for row in steps)
     summary = {item_key(item) for record in records if record.WhichOneof("record_type") == "summary"
                for item in record.summary.update}
     assert {"train_samples_per_second", "train_loss"} <= summary  # throughput at the end of training

@@ -5,7 +5,13 @@
 PATH is a seed-format file/glob (queries = question, corpus = all pos_doc and neg_doc texts of the
 file, qrels = pos_doc) or a BEIR folder (corpus.jsonl, queries.jsonl, qrels/<split>.tsv). Models
 are loaded with sentence-transformers itself, so any Hub id or local folder works, ours included;
-their saved ``query``/``document`` prompts are applied as in training.
+their saved ``query``/``document`` prompts are applied as in training, and documents are ranked by
+the similarity each model declares.
+
+This folder has no ``__init__.py`` on purpose: ``accelerate launch finetune/train.py`` puts
+``finetune/`` first on ``sys.path``, and a module named ``evaluate`` there would shadow the
+``evaluate`` package; a folder without ``__init__.py`` never does (a regular package wins over a
+namespace folder), while ``python -m finetune.evaluate`` still runs this file.
 """
 
 from __future__ import annotations
@@ -13,34 +19,12 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import os
 import sys
-import time
 
-import torch
-
-from finetune.evaluation import METRIC_NAMES, evaluate_retrieval, load_retrieval_set
+from finetune.checkpointing import write_json_atomic
+from finetune.evaluation import METRIC_NAMES, evaluate_model, load_retrieval_set
 
 logger = logging.getLogger("finetune.evaluate")
-
-
-def evaluate_model(model_name_or_path: str, dataset, *, batch_size: int, max_seq_length: int | None,
-                   show_progress_bar: bool = True) -> dict:
-    from sentence_transformers import SentenceTransformer
-
-    model = SentenceTransformer(model_name_or_path, device="cuda" if torch.cuda.is_available() else "cpu")
-    if max_seq_length:
-        model.max_seq_length = max_seq_length
-
-    def encode(texts: list[str], prompt_name: str) -> torch.Tensor:
-        prompt = prompt_name if prompt_name in model.prompts else None
-        return model.encode(texts, prompt_name=prompt, batch_size=batch_size, convert_to_tensor=True,
-                            show_progress_bar=show_progress_bar).float().cpu()
-
-    start = time.perf_counter()
-    metrics = evaluate_retrieval(lambda texts: encode(texts, "query"), lambda texts: encode(texts, "document"), dataset)
-    metrics["seconds"] = time.perf_counter() - start
-    return metrics
 
 
 def format_table(results: dict[str, dict]) -> str:
@@ -60,7 +44,7 @@ def format_table(results: dict[str, dict]) -> str:
 
 
 def main(argv: list[str] | None = None) -> dict:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(prog="python -m finetune.evaluate", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model_name_or_path", nargs="+", required=True,
                         help="One or more SentenceTransformer-loadable models (Hub ids or folders).")
     parser.add_argument("--data", required=True, nargs="+",
@@ -80,16 +64,17 @@ def main(argv: list[str] | None = None) -> dict:
     print(format_table(results))
     print(json.dumps(results, indent=2))
     if args.output_json:
-        tmp = f"{args.output_json}.tmp"
-        with open(tmp, "w", encoding="utf-8") as handle:
-            json.dump(results, handle, indent=2)
-        os.replace(tmp, args.output_json)
+        write_json_atomic(args.output_json, results, indent=2)
     return results
 
 
-if __name__ == "__main__":
+def cli() -> None:
     try:
         main()
     except (FileNotFoundError, ValueError) as error:
         print(f"error: {error}", file=sys.stderr)
         sys.exit(2)
+
+
+if __name__ == "__main__":
+    cli()
