@@ -133,3 +133,31 @@ def train_file(tmp_path) -> str:
 @pytest.fixture
 def validation_file(tmp_path) -> str:
     return write_jsonl(tmp_path / "validation.jsonl", make_records(8, seed=2))
+
+
+def make_trainer(model_path, tmp_path, *, records=None, num_hard_negatives=2, objective=None, **overrides):
+    """An EmbeddingTrainer over ``records`` (default: 12 random ones) and one collated batch of all of them.
+
+    ``overrides`` become command-line flags (``temperature=0.1`` -> ``--temperature 0.1``). The optimizer is
+    created and ``current_gradient_accumulation_steps`` set, so ``training_step`` can be called directly.
+    """
+    from finetune.config import parse_arguments
+    from finetune.data import TripletCollator, TripletDataset, load_raw_dataset, tokenize_dataset
+    from finetune.modeling import EmbeddingModel
+    from finetune.trainer import EmbeddingTrainer
+
+    tmp_path.mkdir(parents=True, exist_ok=True)
+    argv = ["--output_dir", str(tmp_path / "out"), "--use_cpu", "true", "--report_to", "none"]
+    for key, value in overrides.items():
+        argv += [f"--{key}", str(value)]
+    _, _, args = parse_arguments(argv)
+    model = EmbeddingModel.from_pretrained(model_path)
+    records = records if records is not None else make_records(12, num_negatives=2, seed=3)
+    raw = load_raw_dataset(write_jsonl(tmp_path / "d.jsonl", records))
+    dataset = TripletDataset(tokenize_dataset(raw, model.tokenizer), num_hard_negatives=num_hard_negatives)
+    batch = TripletCollator(model.tokenizer)([dataset[i] for i in range(len(dataset))])
+    trainer = EmbeddingTrainer(model=model, args=args, train_dataset=dataset,
+                               data_collator=TripletCollator(model.tokenizer), objective=objective)
+    trainer.create_optimizer_and_scheduler(num_training_steps=10)
+    trainer.current_gradient_accumulation_steps = 1  # set by the training loop, which these tests bypass
+    return trainer, model, batch

@@ -5,28 +5,9 @@ import contextlib
 import pytest
 import torch
 
-from conftest import make_records, write_jsonl
-from finetune.config import parse_arguments
-from finetune.data import TripletCollator, TripletDataset, load_raw_dataset, tokenize_dataset
+from conftest import make_trainer
 from finetune.gradcache import backward_through_chunks, embed_without_graph
 from finetune.modeling import EmbeddingModel
-from finetune.trainer import EmbeddingTrainer
-
-
-def make_trainer(model_path, tmp_path, **overrides):
-    tmp_path.mkdir(parents=True, exist_ok=True)
-    argv = ["--output_dir", str(tmp_path / "out"), "--use_cpu", "true", "--report_to", "none"]
-    for key, value in overrides.items():
-        argv += [f"--{key}", str(value)]
-    _, _, args = parse_arguments(argv)
-    model = EmbeddingModel.from_pretrained(model_path)
-    raw = load_raw_dataset(write_jsonl(tmp_path / "d.jsonl", make_records(12, num_negatives=2, seed=3)))
-    dataset = TripletDataset(tokenize_dataset(raw, model.tokenizer), num_hard_negatives=2)
-    batch = TripletCollator(model.tokenizer)([dataset[i] for i in range(12)])
-    trainer = EmbeddingTrainer(model=model, args=args, train_dataset=dataset, data_collator=TripletCollator(model.tokenizer))
-    trainer.create_optimizer_and_scheduler(num_training_steps=10)
-    trainer.current_gradient_accumulation_steps = 1  # set by the training loop, which these tests bypass
-    return trainer, model, batch
 
 
 def gradients(model):

@@ -9,13 +9,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from conftest import make_records, write_jsonl
+import conftest
+from conftest import make_records
 from finetune.config import parse_arguments
-from finetune.data import TripletCollator, TripletDataset, load_raw_dataset, tokenize_dataset
 from finetune.losses import ranking_loss
-from finetune.modeling import EmbeddingModel
 from finetune.objectives import EmbeddedBatch, ObjectiveOutput, RankingObjective, build_objective, gather_batch
-from finetune.trainer import EmbeddingTrainer
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -78,20 +76,7 @@ def scored_records(count, k=3, seed=4):
 
 
 def make_trainer(model_path, tmp_path, objective=None, **overrides):
-    tmp_path.mkdir(parents=True, exist_ok=True)
-    argv = ["--output_dir", str(tmp_path / "out"), "--use_cpu", "true", "--report_to", "none"]
-    for key, value in overrides.items():
-        argv += [f"--{key}", str(value)]
-    _, _, args = parse_arguments(argv)
-    model = EmbeddingModel.from_pretrained(model_path)
-    raw = load_raw_dataset(write_jsonl(tmp_path / "d.jsonl", scored_records(8)))
-    dataset = TripletDataset(tokenize_dataset(raw, model.tokenizer), num_hard_negatives=2)
-    batch = TripletCollator(model.tokenizer)([dataset[i] for i in range(8)])
-    trainer = EmbeddingTrainer(model=model, args=args, train_dataset=dataset,
-                               data_collator=TripletCollator(model.tokenizer), objective=objective)
-    trainer.create_optimizer_and_scheduler(num_training_steps=10)
-    trainer.current_gradient_accumulation_steps = 1  # set by the training loop, which these tests bypass
-    return trainer, model, batch
+    return conftest.make_trainer(model_path, tmp_path, records=scored_records(8), objective=objective, **overrides)
 
 
 def gradients(model):

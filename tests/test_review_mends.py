@@ -5,14 +5,12 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import make_records, write_jsonl
+from conftest import make_records, make_trainer, write_jsonl
 from finetune import train
 from finetune.config import parse_arguments
-from finetune.data import (LengthGroupedEpochSampler, TripletCollator, TripletDataset, load_raw_dataset,
-                           tokenize_dataset)
+from finetune.data import LengthGroupedEpochSampler, TripletDataset
 from finetune.losses import ranking_loss
 from finetune.modeling import EmbeddingModel
-from finetune.trainer import EmbeddingTrainer
 
 
 # --- 1. GradCache with gradient accumulation -------------------------------------------------------------------
@@ -44,21 +42,6 @@ def test_gradcache_with_gradient_accumulation_equals_plain(tiny_bert_without_dro
 
 
 # --- 2. Temperature reaches the trainer's loss --------------------------------------------------------------------
-
-def make_trainer(model_path, tmp_path, **overrides):
-    """As tests/test_gradcache.py builds one: an EmbeddingTrainer on 12 records with 2 hard negatives, and a batch."""
-    tmp_path.mkdir(parents=True, exist_ok=True)
-    argv = ["--output_dir", str(tmp_path / "out"), "--use_cpu", "true", "--report_to", "none"]
-    for key, value in overrides.items():
-        argv += [f"--{key}", str(value)]
-    _, _, args = parse_arguments(argv)
-    model = EmbeddingModel.from_pretrained(model_path)
-    raw = load_raw_dataset(write_jsonl(tmp_path / "d.jsonl", make_records(12, num_negatives=2, seed=3)))
-    dataset = TripletDataset(tokenize_dataset(raw, model.tokenizer), num_hard_negatives=2)
-    batch = TripletCollator(model.tokenizer)([dataset[i] for i in range(12)])
-    trainer = EmbeddingTrainer(model=model, args=args, train_dataset=dataset, data_collator=TripletCollator(model.tokenizer))
-    return trainer, model, batch
-
 
 def test_trainer_loss_uses_temperature(tiny_bert, tmp_path):
     """compute_loss scores with scale = 1/--temperature (not a fixed 20)."""
