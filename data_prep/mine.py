@@ -34,7 +34,7 @@ from data_prep.records import (json_line, normalized_key, optional_float, run_cl
                                setup_logging, unique)
 from finetune.evaluation import read_corpus_file
 from finetune.checkpointing import atomic_write
-from finetune.schema import NEG_DOC, NEG_SCORES, POS_DOC, QUESTION, normalize_record, read_records
+from finetune.schema import NEG_DOC, POS_DOC, QUESTION, SCORED_LISTS, normalize_record, read_records
 from finetune.text import TextSide
 
 logger = logging.getLogger("data_prep.mine")
@@ -299,8 +299,8 @@ def main(argv: list[str] | None = None) -> dict:
                 if len(negatives) < args.min_negatives:
                     report.counts["records_left_out_too_few_negatives"] += 1
                     continue
-                # Optional fields stay; teacher scores of the old negatives no longer match the new list.
-                out = {key: value for key, value in record.items() if key != NEG_SCORES}
+                # Teacher scores no longer match the new negatives (and come in pairs): score the output anew.
+                out = {key: value for key, value in record.items() if key not in SCORED_LISTS}
                 handle.write(json_line({**out, NEG_DOC: negatives}))
                 report.counts["records_out"] += 1
                 report.counts["negatives_written"] += len(negatives)

@@ -21,7 +21,7 @@ import logging
 from tqdm.auto import tqdm
 
 from data_prep.records import normalize_text, run_cli, setup_logging, write_jsonl
-from finetune.schema import NEG_DOC, POS_DOC, QUESTION, normalize_record, read_records
+from finetune.schema import POS_DOC, QUESTION, normalize_record, read_records
 
 logger = logging.getLogger("data_prep.split")
 GROUP_BY = (QUESTION, POS_DOC)
@@ -98,10 +98,10 @@ def split_records(records: list[dict], *, validation_count: int, seed: int = 0,
 
 
 def dedupe(records: list[dict]) -> list[dict]:
-    """Records without exact repeats (all three fields equal), first occurrence kept."""
+    """Records without exact repeats (every field equal, teacher scores included), first occurrence kept."""
     seen, result = set(), []
     for record in records:
-        key = json.dumps([record[QUESTION], record[POS_DOC], record[NEG_DOC]], ensure_ascii=False)
+        key = json.dumps(record, ensure_ascii=False)  # normalised records: the same keys in the same order
         if key not in seen:
             seen.add(key)
             result.append(record)

@@ -11,7 +11,7 @@ from pathlib import Path
 
 from transformers import TrainingArguments
 
-from finetune.losses import NEGATIVE_MODES
+from finetune.losses import DIRECTIONS, DISTILLATION_KINDS, NEGATIVE_MODES
 from finetune.pooling import POOLING_MODES
 from finetune.text import TextSide
 
@@ -147,6 +147,30 @@ class EmbeddingTrainingArguments(TrainingArguments):
         metadata={"help": "GradCache: embed the batch in mini-batches of this many texts and back-propagate the full "
                           "batch's loss through them, so the per-device batch (and the negatives each query sees) can "
                           "grow far beyond what fits in memory. Unset = plain training."})
+    ranking_directions: list[str] = field(
+        default_factory=lambda: ["query_to_doc"],
+        metadata={"help": "In-batch directions of the ranking loss, comma- or space-separated: query_to_doc (each query "
+                          "against the documents: the classic loss), doc_to_query (each positive against the other "
+                          "queries), query_to_query, doc_to_doc; extra directions join the same softmax (GTE's improved "
+                          "contrastive loss). Must include query_to_doc. Default: query_to_doc."})
+    ranking_weight: float = field(
+        default=1.0, metadata={"help": "Weight of the ranking loss in the objective; 0 = pure distillation."})
+    distillation: str = field(
+        default="none",
+        metadata={"help": "Distil a teacher's scores (pos_scores/neg_scores in the data, see `python -m data_prep.score`): "
+                          "'kl' (listwise KL divergence over each query's own positive and hard negatives), "
+                          "'margin_mse' (MSE of positive-minus-negative margins), or 'none'."})
+    distillation_weight: float = field(
+        default=1.0, metadata={"help": "Weight of the distillation loss, added to the ranking loss."})
+    teacher_temperature: float = field(
+        default=1.0, metadata={"help": "Temperature of the teacher's softmax for --distillation kl (teacher score / T)."})
+    matryoshka_dims: list[str] | None = field(
+        default=None,
+        metadata={"help": "Matryoshka training: embedding sizes to train for, e.g. 384,256,128,64; the objective is "
+                          "applied to the embeddings truncated to each (re-normalised) and summed. Evaluation then "
+                          "reports metrics at each size (eval_ndcg@10_dim128...). Unset = off."})
+    matryoshka_weights: list[str] | None = field(
+        default=None, metadata={"help": "Weight of each --matryoshka_dims size (same count). Default: 1 each."})
     on_non_finite: str = field(
         default="stop",
         metadata={"help": "What an inf/NaN loss or gradient does: 'stop' the run with a message naming the step and "
@@ -195,6 +219,7 @@ class EmbeddingTrainingArguments(TrainingArguments):
             raise ValueError(f"--gradcache_mini_batch_size must be >= 1, got {self.gradcache_mini_batch_size}.")
         if self.on_non_finite not in ("stop", "skip"):
             raise ValueError(f"--on_non_finite must be 'stop' or 'skip', got {self.on_non_finite!r}.")
+        self._check_objective()
         if self.train_sampling_strategy not in SAMPLING_STRATEGIES:
             raise ValueError(f"--train_sampling_strategy {self.train_sampling_strategy} is not supported here; "
                              f"use one of {SAMPLING_STRATEGIES}.")
@@ -212,6 +237,37 @@ class EmbeddingTrainingArguments(TrainingArguments):
         if self.device.type == "cpu":
             self.dataloader_pin_memory = False  # pinning is for host-to-GPU copies; on CPU it only warns
 
+    def _check_objective(self) -> None:
+        """Validate the objective options; comma-separated lists become one item per value (ints for dims)."""
+        self.ranking_directions = _split_list(self.ranking_directions)
+        unknown = [d for d in self.ranking_directions if d not in DIRECTIONS]
+        if unknown or "query_to_doc" not in self.ranking_directions or \
+                len(set(self.ranking_directions)) != len(self.ranking_directions):
+            raise ValueError(f"--ranking_directions must list distinct values of {DIRECTIONS} including query_to_doc "
+                             f"(it holds the target pair), got {self.ranking_directions}.")
+        if self.distillation not in ("none", *DISTILLATION_KINDS):
+            raise ValueError(f"--distillation must be one of {('none', *DISTILLATION_KINDS)}, got {self.distillation!r}.")
+        if self.ranking_weight < 0 or self.distillation_weight < 0:
+            raise ValueError("--ranking_weight and --distillation_weight must be >= 0.")
+        if self.ranking_weight == 0 and self.distillation == "none":
+            raise ValueError("--ranking_weight 0 leaves nothing to train without --distillation kl or margin_mse.")
+        if self.teacher_temperature <= 0:
+            raise ValueError(f"--teacher_temperature must be > 0, got {self.teacher_temperature}.")
+        if self.matryoshka_weights and not self.matryoshka_dims:
+            raise ValueError("--matryoshka_weights needs --matryoshka_dims.")
+        if self.matryoshka_dims:
+            try:
+                self.matryoshka_dims = [int(value) for value in _split_list(self.matryoshka_dims)]
+                self.matryoshka_weights = ([float(value) for value in _split_list(self.matryoshka_weights)]
+                                           if self.matryoshka_weights else [1.0] * len(self.matryoshka_dims))
+            except ValueError as error:
+                raise ValueError(f"--matryoshka_dims takes integers and --matryoshka_weights numbers: {error}") from None
+            if min(self.matryoshka_dims) < 1 or len(set(self.matryoshka_dims)) != len(self.matryoshka_dims):
+                raise ValueError(f"--matryoshka_dims must be distinct positive sizes, got {self.matryoshka_dims}.")
+            if len(self.matryoshka_weights) != len(self.matryoshka_dims) or min(self.matryoshka_weights) < 0:
+                raise ValueError(f"--matryoshka_weights needs one weight >= 0 per size of --matryoshka_dims "
+                                 f"({len(self.matryoshka_dims)}), got {self.matryoshka_weights}.")
+
     @property
     def scale(self) -> float:
         return 1.0 / self.temperature
@@ -220,3 +276,8 @@ class EmbeddingTrainingArguments(TrainingArguments):
     def data_order_seed(self) -> int:
         """The one seed of the data stream: the sampler's order and the negatives drawn (--data_seed, else --seed)."""
         return self.data_seed if self.data_seed is not None else self.seed
+
+
+def _split_list(values) -> list[str]:
+    """["a,b", "c"] -> ["a", "b", "c"]: list options take commas or spaces (and YAML lists)."""
+    return [item.strip() for value in (values or []) for item in str(value).split(",") if item.strip()]

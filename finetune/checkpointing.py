@@ -48,8 +48,9 @@ def atomic_write(path: str | os.PathLike, *, binary: bool = False) -> Iterator:
     folder = os.path.dirname(os.path.abspath(path))
     os.makedirs(folder, exist_ok=True)
     descriptor, tmp_path = tempfile.mkstemp(dir=folder, prefix=f".{os.path.basename(path)}.", suffix=".tmp")
-    os.chmod(tmp_path, 0o666 & ~_UMASK)  # mkstemp makes owner-only files; give the mode a plain open() would
     try:
+        with contextlib.suppress(OSError):  # mkstemp makes owner-only files; give the mode a plain open() would
+            os.chmod(tmp_path, 0o666 & ~_UMASK)
         with os.fdopen(descriptor, "wb") as raw:
             if binary:
                 yield raw

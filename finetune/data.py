@@ -39,6 +39,7 @@ RAW_FEATURES = datasets.Features({
 })
 TOKENIZED_FEATURES = datasets.Features({
     "query_input_ids": datasets.List(datasets.Value("int32")),
+    "query_key": datasets.Value("int64"),
     "pos_input_ids": datasets.List(datasets.List(datasets.Value("int32"))),
     "neg_input_ids": datasets.List(datasets.List(datasets.Value("int32"))),
     "pos_keys": datasets.List(datasets.Value("int64")),
@@ -61,7 +62,8 @@ def _generate_records(files: list[str], stamps: list) -> Iterator[dict]:
 
 
 def load_raw_dataset(patterns: str | list[str]) -> datasets.Dataset:
-    """Validated records of all files as a Dataset (columns question, pos_doc, neg_doc, source).
+    """Validated records of all files as a Dataset (columns question, pos_doc, neg_doc, the optional fields
+    (None where a record has none), source).
 
     Cached by the datasets library, keyed on file paths, sizes and modification times, so an
     unchanged file is not parsed again. Raises DataFormatError naming every bad record.
@@ -90,6 +92,7 @@ def _tokenize_batch(batch: dict, tokenizer, query: TextSide, document: TextSide)
 
     return {
         "query_input_ids": query.input_ids(tokenizer, batch[QUESTION]),
+        "query_key": [text_key(text) for text in batch[QUESTION]],
         "pos_input_ids": tokenize_lists(batch[POS_DOC]),
         "neg_input_ids": tokenize_lists(batch[NEG_DOC]),
         "pos_keys": [[text_key(text) for text in texts] for texts in batch[POS_DOC]],
@@ -120,13 +123,13 @@ def tokenize_dataset(raw: datasets.Dataset, tokenizer: PreTrainedTokenizerBase, 
                      num_proc: int | None = None) -> datasets.Dataset:
     """Tokenize every query and document once, each side with its prompt and length (``finetune.text``).
 
-    Columns: query_input_ids (T,), pos_input_ids / neg_input_ids (n, T), pos_keys / neg_keys (n,)
+    Columns: query_input_ids (T,), query_key (content hash), pos_input_ids / neg_input_ids (n, T), pos_keys / neg_keys (n,)
     content hashes, the optional fields (None when absent), source. Cached: the fingerprint covers
     the raw data, the tokenizer's full definition and both sides' settings.
     """
     settings = {"query": dataclasses.asdict(query), "document": dataclasses.asdict(document)}
     fingerprint = hashlib.sha256(json.dumps(
-        [raw._fingerprint, _tokenizer_fingerprint(tokenizer), settings, "v2"], sort_keys=True).encode()).hexdigest()[:32]
+        [raw._fingerprint, _tokenizer_fingerprint(tokenizer), settings, "v3"], sort_keys=True).encode()).hexdigest()[:32]
     return raw.map(_tokenize_batch, batched=True, fn_kwargs={"tokenizer": tokenizer, "query": query, "document": document},
                    remove_columns=raw.column_names, features=TOKENIZED_FEATURES, new_fingerprint=fingerprint,
                    num_proc=num_proc, desc="Tokenizing")
@@ -145,6 +148,16 @@ def check_enough_negatives(tokenized: datasets.Dataset, num_hard_negatives: int)
                    "`python -m data_prep.mine`)")
         raise DataFormatError([RecordProblem(*source.rsplit(", ", 1), NEG_DOC, message)
                                for source in tokenized.select(empty)[SOURCE]])
+
+
+def check_teacher_scores(raw: datasets.Dataset, needed_by: str) -> None:
+    """Every record must carry teacher scores (pos_scores and neg_scores) for ``needed_by`` (e.g. distillation)."""
+    missing = [index for index, scores in enumerate(raw[POS_SCORES]) if scores is None]
+    if missing:
+        message = (f"missing, but {needed_by} needs teacher scores for every document (pos_scores and neg_scores); "
+                   "add them with `python -m data_prep.score --teacher MODEL --input FILE --output FILE`")
+        raise DataFormatError([RecordProblem(*source.rsplit(", ", 1), POS_SCORES, message)
+                               for source in raw.select(missing)[SOURCE]])
 
 
 class TripletDataset(Dataset):
@@ -175,6 +188,7 @@ class TripletDataset(Dataset):
         negatives = rng.choice(available, size=k, replace=available < k).tolist() if k else []
         example = {
             "query_input_ids": row["query_input_ids"],
+            "query_key": row["query_key"],
             "doc_input_ids": [row["pos_input_ids"][positive]] + [row["neg_input_ids"][n] for n in negatives],
             "doc_keys": [row["pos_keys"][positive]] + [row["neg_keys"][n] for n in negatives],
         }
@@ -284,7 +298,8 @@ class TripletCollator:
     """Examples of TripletDataset -> one batch with dynamic padding.
 
     Output: query_input_ids / query_attention_mask (B, Tq); doc_input_ids / doc_attention_mask
-    (B*(1+k), Td) ordered [positives..., negatives of query 0, of query 1, ...]; doc_keys (B*(1+k),);
+    (B*(1+k), Td) ordered [positives..., negatives of query 0, of query 1, ...]; doc_keys (B*(1+k),) and
+    query_keys (B,) content hashes;
     doc_scores (B*(1+k),) float32 teacher scores in the same order, only when every example has them.
     """
 
@@ -305,7 +320,8 @@ class TripletCollator:
                                           self.pad_to_multiple_of)
         batch = {"query_input_ids": query_ids, "query_attention_mask": query_mask,
                  "doc_input_ids": doc_ids, "doc_attention_mask": doc_mask,
-                 "doc_keys": torch.tensor(keys, dtype=torch.long)}
+                 "doc_keys": torch.tensor(keys, dtype=torch.long),
+                 "query_keys": torch.tensor([f["query_key"] for f in features], dtype=torch.long)}
         if all("doc_scores" in feature for feature in features):
             scores = [f["doc_scores"][0] for f in features] + [s for f in features for s in f["doc_scores"][1:]]
             batch["doc_scores"] = torch.tensor(scores, dtype=torch.float32)

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import os
 import time
 from collections.abc import Callable, Iterable
@@ -29,6 +30,7 @@ from finetune.search import chunked_topk
 from finetune.text import TextSide
 
 SIMILARITIES = ("cosine", "dot")
+logger = logging.getLogger("finetune.evaluation")
 
 Run = dict[str, dict[str, float]]  # query id -> {doc id: score}
 Qrels = dict[str, dict[str, int]]  # query id -> {doc id: relevance}
@@ -118,29 +120,43 @@ def in_group_metrics(query_emb: torch.Tensor, corpus_emb: torch.Tensor, query_in
 def in_similarity_space(embeddings: torch.Tensor, similarity: str) -> torch.Tensor:
     """Embeddings whose dot products are the ``similarity`` scores: unit rows for cosine, unchanged for dot.
 
-    Rows that are already unit vectors (normalising models) are left untouched, bit for bit.
+    Rows that are already unit vectors (normalising models) are left untouched, bit for bit. Other
+    similarities (euclidean, manhattan) are ranked by cosine, with a warning.
     """
     if similarity not in SIMILARITIES:
-        raise ValueError(f"Similarity {similarity!r} is not supported for retrieval evaluation; expected one of "
-                         f"{SIMILARITIES}.")
+        logger.warning("Similarity %r is not supported by the retrieval evaluation; ranking by cosine instead "
+                       "(the same order as euclidean distance for normalised embeddings).", similarity)
     if similarity == "dot":
         return embeddings
-    norms = embeddings.norm(dim=-1)
-    if torch.allclose(norms, torch.ones_like(norms), atol=1e-5):
-        return embeddings
-    return F.normalize(embeddings, dim=-1)
+    unit = ((embeddings.norm(dim=-1) - 1).abs() < 1e-5).unsqueeze(-1)  # (N, 1)
+    return torch.where(unit, embeddings, F.normalize(embeddings, dim=-1))
 
 
 def evaluate_retrieval(encode_queries: Callable[[list[str]], torch.Tensor],
                        encode_documents: Callable[[list[str]], torch.Tensor],
-                       dataset: RetrievalSet, top_k: int = 100, similarity: str = "cosine") -> dict[str, float]:
+                       dataset: RetrievalSet, top_k: int = 100, similarity: str = "cosine",
+                       truncate_dims: tuple[int, ...] = ()) -> dict[str, float]:
     """Encode queries and corpus with the given functions ((N, D) tensors), search exactly by ``similarity``, and score.
 
-    Returns METRIC_NAMES plus, when the set has groups, the in-group metrics.
+    Returns METRIC_NAMES plus, when the set has groups, the in-group metrics; for each of ``truncate_dims``
+    the same metrics of the embeddings cut to that size (``ndcg@10_dim128``...; Matryoshka), from the same encoding.
     """
     query_ids, doc_ids = list(dataset.queries), list(dataset.corpus)
-    query_emb = in_similarity_space(encode_queries([dataset.queries[qid] for qid in query_ids]).float(), similarity)
-    corpus_emb = in_similarity_space(encode_documents([dataset.corpus[did] for did in doc_ids]).float(), similarity)
+    query_emb = encode_queries([dataset.queries[qid] for qid in query_ids]).float()
+    corpus_emb = encode_documents([dataset.corpus[did] for did in doc_ids]).float()
+    metrics = score_embeddings(query_emb, corpus_emb, query_ids, doc_ids, dataset, top_k, similarity)
+    for dim in truncate_dims:
+        truncated = score_embeddings(query_emb[:, :dim], corpus_emb[:, :dim], query_ids, doc_ids, dataset, top_k,
+                                     similarity)
+        metrics.update({f"{name}_dim{dim}": value for name, value in truncated.items()})
+    return metrics
+
+
+def score_embeddings(query_emb: torch.Tensor, corpus_emb: torch.Tensor, query_ids: list[str], doc_ids: list[str],
+                     dataset: RetrievalSet, top_k: int = 100, similarity: str = "cosine") -> dict[str, float]:
+    """Metrics of ranking the corpus by ``similarity``. Shapes: query_emb (Q, D), corpus_emb (N, D), rows as the ids."""
+    query_emb = in_similarity_space(query_emb, similarity)
+    corpus_emb = in_similarity_space(corpus_emb, similarity)
     metrics = compute_metrics(search(query_emb, corpus_emb, query_ids, doc_ids, top_k), dataset.qrels)
     metrics.update(in_group_metrics(query_emb, corpus_emb, {q: i for i, q in enumerate(query_ids)},
                                     {d: i for i, d in enumerate(doc_ids)}, dataset))
@@ -155,8 +171,9 @@ class RetrievalEvaluator:
     """
 
     def __init__(self, dataset: RetrievalSet, *, query: TextSide, document: TextSide, batch_size: int = 32,
-                 top_k: int = 100):
+                 top_k: int = 100, truncate_dims: tuple[int, ...] = ()):
         self.dataset = dataset
+        self.truncate_dims = tuple(truncate_dims)  # Matryoshka sizes to report too
         self.query = query
         self.document = document
         self.batch_size = batch_size
@@ -174,16 +191,17 @@ class RetrievalEvaluator:
             return lambda texts: encode_sharded(encode, texts, device)
 
         return evaluate_retrieval(encoder(self.query), encoder(self.document), self.dataset, self.top_k,
-                                  similarity=model.similarity)
+                                  similarity=model.similarity, truncate_dims=self.truncate_dims)
 
 
 def evaluate_model(model_name_or_path: str, dataset: RetrievalSet, *, batch_size: int, max_seq_length: int | None,
-                   show_progress_bar: bool = True) -> dict:
+                   show_progress_bar: bool = True, truncate_dim: int | None = None) -> dict:
     """Retrieval metrics of any SentenceTransformer-loadable model, with its saved ``query``/``document`` prompts
-    and its declared similarity; adds ``seconds``."""
+    and its declared similarity; adds ``seconds``. ``truncate_dim``: evaluate the embeddings cut to that size."""
     from sentence_transformers import SentenceTransformer
 
-    model = SentenceTransformer(model_name_or_path, device="cuda" if torch.cuda.is_available() else "cpu")
+    model = SentenceTransformer(model_name_or_path, device="cuda" if torch.cuda.is_available() else "cpu",
+                                truncate_dim=truncate_dim)
     if max_seq_length:
         model.max_seq_length = max_seq_length
 

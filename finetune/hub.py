@@ -23,12 +23,12 @@ import json
 from contextlib import contextmanager
 from pathlib import Path
 
-from finetune.model_card import CARD_FILE, write_model_card
+from finetune.model_card import CARD_FILE, DIMENSION_PLOT, write_model_card
 
 # Root files of a saved model: HF config and weights, tokenizer files (fast, sentencepiece, BPE,
 # WordPiece, tiktoken), remote-code modules that save_pretrained copies, and the ST files.
 MODEL_ROOT_PATTERNS = (
-    CARD_FILE, "modules.json", "sentence_bert_config.json", "config_sentence_transformers.json",
+    CARD_FILE, DIMENSION_PLOT, "modules.json", "sentence_bert_config.json", "config_sentence_transformers.json",
     "config.json", "model.safetensors", "model-*-of-*.safetensors", "model.safetensors.index.json",
     "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json",
     "vocab.txt", "vocab.json", "merges.txt", "*.model", "*.tiktoken", "chat_template.jinja",

@@ -80,11 +80,135 @@ def ranking_loss(
     query_emb: torch.Tensor,
     doc_emb: torch.Tensor,
     doc_keys: torch.Tensor | None = None,
+    *,
+    directions: tuple[str, ...] = ("query_to_doc",),
+    all_query_emb: torch.Tensor | None = None,
+    query_keys: torch.Tensor | None = None,
     **options,
 ) -> torch.Tensor:
     """Mean cross-entropy of each query against its positive among its candidates (fp32 scalar).
 
     Shapes and options (num_negatives, scale, mode, shard_index, num_shards) as in :func:`ranking_scores`.
+    ``directions`` beyond ``query_to_doc`` add the candidates of :func:`direction_scores` to the same
+    softmax (they need ``all_query_emb`` (S*B, D), and ``query_keys`` for duplicate masking).
     """
     scores, labels = ranking_scores(query_emb, doc_emb, doc_keys, **options)
+    if tuple(directions) != ("query_to_doc",):
+        if "query_to_doc" not in directions:
+            raise ValueError("The ranking directions must include 'query_to_doc': it holds the target pair.")
+        extra = direction_scores(query_emb, query_emb if all_query_emb is None else all_query_emb, doc_emb,
+                                 directions=tuple(directions), query_keys=query_keys, doc_keys=doc_keys,
+                                 num_negatives=options["num_negatives"], scale=options.get("scale", 20.0),
+                                 shard_index=options.get("shard_index", 0), num_shards=options.get("num_shards", 1))
+        scores = torch.cat([scores, extra], dim=1)
     return F.cross_entropy(scores, labels)
+
+
+# ------------------------------------------------------------------ more in-batch directions (GTE's joint softmax)
+DIRECTIONS = ("query_to_doc", "doc_to_query", "query_to_query", "doc_to_doc")
+
+
+def direction_scores(
+    query_emb: torch.Tensor,
+    all_query_emb: torch.Tensor,
+    doc_emb: torch.Tensor,
+    *,
+    directions: tuple[str, ...],
+    num_negatives: int,
+    scale: float = 20.0,
+    query_keys: torch.Tensor | None = None,
+    doc_keys: torch.Tensor | None = None,
+    shard_index: int = 0,
+    num_shards: int = 1,
+) -> torch.Tensor:
+    """Scaled cosine scores of the extra in-batch directions, to join query i's softmax (GTE's improved contrastive loss).
+
+    For each local query i with positive d_i, the target stays s(q_i, d_i) (the ``query_to_doc`` scores
+    of :func:`ranking_scores`); these candidates are added to its partition function:
+    ``doc_to_query`` s(d_i, q_j) for every other query j; ``query_to_query`` s(q_i, q_j), j != i;
+    ``doc_to_doc`` s(d_i, d_j) for every other positive d_j, all over the global batch.
+
+    Shapes: query_emb (B, D) the local queries; all_query_emb (S*B, D) the queries of every process in
+    rank order (= query_emb with S = 1); doc_emb (S*B*(1+k), D) in the layout above; query_keys (S*B,) and
+    doc_keys (S*B*(1+k),) optional content hashes. Returns (B, C) fp32 scores, C = S*B per direction
+    beyond ``query_to_doc``, in the order of DIRECTIONS. Masked (-inf): the pair itself, a query with the
+    same text as q_i, a positive with the same text as d_i, and for ``doc_to_query`` a query whose own
+    positive has d_i's text (it is d_i's true query, not a negative).
+    """
+    unknown = set(directions) - set(DIRECTIONS)
+    if unknown:
+        raise ValueError(f"Unknown ranking direction(s) {sorted(unknown)}; expected some of {DIRECTIONS}.")
+    batch = query_emb.shape[0]
+    block = batch * (1 + num_negatives)
+    rows = torch.arange(batch, device=query_emb.device)
+    own = shard_index * batch + rows  # each local query's index among all queries (and all positives)
+    query = F.normalize(query_emb.float(), dim=-1)  # (B, D)
+    all_queries = F.normalize(all_query_emb.float(), dim=-1)  # (S*B, D)
+    all_positives = F.normalize(doc_emb.float(), dim=-1).view(num_shards, block, -1)[:, :batch].reshape(
+        num_shards * batch, -1)  # (S*B, D), positive j belongs to query j
+    own_positive = all_positives[own]  # (B, D)
+    self_pair = torch.zeros((batch, num_shards * batch), dtype=torch.bool, device=query_emb.device)
+    self_pair[rows, own] = True
+    same_query = self_pair if query_keys is None else query_keys[None, :] == query_keys[own][:, None]  # (B, S*B)
+    same_positive = self_pair
+    if doc_keys is not None:
+        positive_keys = doc_keys.view(num_shards, block)[:, :batch].reshape(-1)  # (S*B,)
+        same_positive = positive_keys[None, :] == positive_keys[own][:, None]  # (B, S*B)
+    parts = []
+    if "doc_to_query" in directions:
+        parts.append((own_positive @ all_queries.T).masked_fill(self_pair | same_query | same_positive, float("-inf")))
+    if "query_to_query" in directions:
+        parts.append((query @ all_queries.T).masked_fill(self_pair | same_query, float("-inf")))
+    if "doc_to_doc" in directions:
+        parts.append((own_positive @ all_positives.T).masked_fill(self_pair | same_positive, float("-inf")))
+    if not parts:
+        return query.new_zeros((batch, 0))
+    return torch.cat(parts, dim=1) * scale
+
+
+# ------------------------------------------------------------------------------------------- distillation
+DISTILLATION_KINDS = ("kl", "margin_mse")
+
+
+def own_candidate_scores(query_emb: torch.Tensor, doc_emb: torch.Tensor, *, num_negatives: int, shard_index: int = 0,
+                         num_shards: int = 1) -> torch.Tensor:
+    """Cosine of each local query with its own positive and its own k hard negatives, fp32.
+
+    Shapes: query_emb (B, D); doc_emb (S*B*(1+k), D) in the layout above -> (B, 1+k), column 0 the positive.
+    """
+    batch = query_emb.shape[0]
+    block = batch * (1 + num_negatives)
+    docs = F.normalize(doc_emb.float(), dim=-1).view(num_shards, block, -1)[shard_index]  # (B*(1+k), D)
+    query = F.normalize(query_emb.float(), dim=-1)
+    positives, negatives = docs[:batch], docs[batch:].view(batch, num_negatives, -1)
+    return torch.cat([(query * positives).sum(-1, keepdim=True), torch.einsum("bd,bkd->bk", query, negatives)], dim=1)
+
+
+def own_teacher_scores(doc_scores: torch.Tensor, *, batch: int, num_negatives: int, shard_index: int = 0,
+                       num_shards: int = 1) -> torch.Tensor:
+    """The teacher scores of the same candidates as :func:`own_candidate_scores`: (S*B*(1+k),) -> (B, 1+k) fp32."""
+    block = batch * (1 + num_negatives)
+    local = doc_scores.float().view(num_shards, block)[shard_index]
+    return torch.cat([local[:batch, None], local[batch:].view(batch, num_negatives)], dim=1)
+
+
+def kl_distillation_loss(student_scores: torch.Tensor, teacher_scores: torch.Tensor, *, scale: float = 20.0,
+                         teacher_temperature: float = 1.0) -> torch.Tensor:
+    """Listwise distillation: KL(teacher || student) over each query's own candidates, mean over queries (fp32).
+
+    Shapes: student_scores, teacher_scores (B, 1+k). The student's distribution is softmax(scale x cosine)
+    (the ranking loss's logits), the teacher's softmax(teacher score / teacher_temperature).
+    """
+    teacher = F.log_softmax(teacher_scores.float() / teacher_temperature, dim=-1)
+    student = F.log_softmax(student_scores.float() * scale, dim=-1)
+    return F.kl_div(student, teacher, reduction="batchmean", log_target=True)
+
+
+def margin_mse_loss(student_scores: torch.Tensor, teacher_scores: torch.Tensor, *, scale: float = 20.0) -> torch.Tensor:
+    """MarginMSE: mean squared difference of positive-minus-negative margins, student (scale x cosine) vs teacher.
+
+    Shapes: student_scores, teacher_scores (B, 1+k), k >= 1 -> scalar over the B*k margins (fp32).
+    """
+    student = student_scores.float() * scale
+    teacher = teacher_scores.float()
+    return F.mse_loss(student[:, :1] - student[:, 1:], teacher[:, :1] - teacher[:, 1:])

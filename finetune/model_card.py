@@ -25,7 +25,7 @@ from pathlib import Path
 import jinja2
 import yaml
 
-from finetune.checkpointing import write_text_atomic
+from finetune.checkpointing import atomic_write, write_text_atomic
 
 CARD_FILE = "README.md"
 TRAINING_RUN_FILE = "training_run.json"
@@ -158,12 +158,17 @@ def _split_metrics(entry: dict, prefix: str = "eval_") -> dict[str, float]:
 
 
 def _evaluations(output_dir: Path, log_history: list[dict], base_model: str) -> dict:
-    """Before/after rows from the Trainer's files, and the standalone retrieval comparison, if any."""
+    """Before/after rows from the Trainer's files, and the standalone retrieval comparison, if any.
+
+    Metrics at truncated sizes (``ndcg@10_dim128``, Matryoshka) go into their own rows (``dimension_rows``).
+    """
     final = _split_metrics(_read_json(output_dir / "all_results.json") or _read_json(output_dir / "eval_results.json") or {})
     if not final:  # no evaluation after training: the last one logged during it
         logged = [entry for entry in log_history if _split_metrics(entry)]
         final = _split_metrics(logged[-1]) if logged else {}
     start = next((_split_metrics(entry) for entry in log_history if entry.get("step") == 0 and _split_metrics(entry)), {})
+    dimension_rows = _dimension_rows(start, final)
+    start, final = _without_dimensions(start), _without_dimensions(final)
     names = _ordered([*start, *final])
     before_after = [{"metric": _METRIC_LABELS.get(name, name), "name": name, "before": start.get(name),
                      "after": final.get(name)} for name in names]
@@ -184,7 +189,50 @@ def _evaluations(output_dir: Path, log_history: list[dict], base_model: str) -> 
                       "base model" if model == base_model else os.path.basename(model.rstrip("/")) or model)
               for model in models}
     return {"before_after": before_after, "has_before": bool(start), "comparison_models": [labels[m] for m in models],
-            "comparison_rows": rows, "final_retrieval": final_retrieval, "final_from_comparison": this_model is not None}
+            "comparison_rows": rows, "final_retrieval": final_retrieval, "final_from_comparison": this_model is not None,
+            "dimension_rows": dimension_rows}
+
+
+_DIMENSION_METRIC = re.compile(r"(.+)_dim(\d+)$")
+
+
+def _without_dimensions(metrics: dict[str, float]) -> dict[str, float]:
+    return {name: value for name, value in metrics.items() if not _DIMENSION_METRIC.match(name)}
+
+
+def _dimension_rows(start: dict[str, float], final: dict[str, float]) -> list[dict]:
+    """Quality versus embedding size, largest first: nDCG@10 / MRR@10 before and after training at each size."""
+    dims = sorted({int(match.group(2)) for name in final if (match := _DIMENSION_METRIC.match(name))}, reverse=True)
+    return [{"dim": dim, "ndcg_before": start.get(f"ndcg@10_dim{dim}"), "ndcg_after": final.get(f"ndcg@10_dim{dim}"),
+             "mrr_after": final.get(f"mrr@10_dim{dim}")} for dim in dims]
+
+
+DIMENSION_PLOT = "matryoshka_quality.png"
+
+
+def plot_dimension_rows(rows: list[dict], path: Path) -> None:
+    """nDCG@10 versus embedding size (before and after training) as a PNG, written atomically."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    dims = [row["dim"] for row in rows]
+    figure, axis = plt.subplots(figsize=(5, 3.2), dpi=100)
+    axis.plot(dims, [row["ndcg_after"] for row in rows], marker="o", label="after training")
+    if all(row["ndcg_before"] is not None for row in rows):
+        axis.plot(dims, [row["ndcg_before"] for row in rows], marker="o", linestyle="--", label="before training")
+    axis.set_xscale("log", base=2)
+    axis.set_xticks(dims, [str(dim) for dim in dims])
+    axis.set_xlabel("embedding dimensions")
+    axis.set_ylabel("nDCG@10")
+    axis.set_title("Quality versus embedding size")
+    axis.grid(alpha=0.3)
+    axis.legend()
+    figure.tight_layout()
+    with atomic_write(path, binary=True) as handle:
+        figure.savefig(handle, format="png")
+    plt.close(figure)
 
 
 def _training_curve(log_history: list[dict]) -> list[dict]:
@@ -209,7 +257,9 @@ def _training_curve(log_history: list[dict]) -> list[dict]:
 
 
 def _curve_components(curve: list[dict]) -> list[str]:
-    """The component names logged in the curve (``loss_ranking``...), in first-seen order."""
+    """The component names logged in the curve (``loss_ranking``...), in first-seen order.
+
+    Shown even when the one component equals the loss: the column names what the loss is made of."""
     return list(dict.fromkeys(name for row in curve for name in row["components"]))
 
 
@@ -318,7 +368,10 @@ def render_model_card(context: dict) -> str:
 
 def write_model_card(output_dir: str, *, repo_id: str | None = None, datasets: list[str] | None = None) -> str:
     """Render the card from ``output_dir``'s files into ``output_dir/README.md`` (atomically); returns its path."""
-    text = render_model_card(build_card_context(output_dir, repo_id=repo_id, datasets=datasets))
+    context = build_card_context(output_dir, repo_id=repo_id, datasets=datasets)
+    if context["dimension_rows"]:
+        plot_dimension_rows(context["dimension_rows"], Path(output_dir, DIMENSION_PLOT))
+    text = render_model_card(context)
     path = Path(output_dir, CARD_FILE)
     write_text_atomic(path, text)
     return str(path)

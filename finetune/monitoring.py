@@ -77,7 +77,8 @@ class ComponentMeter:
 
     def pop_means(self) -> dict[str, float]:
         """The means since the last call, averaged over processes (every process must call it together)."""
-        if not self.count:
+        if not self.count or not self.sums:
+            self.count = 0
             return {}
         names = sorted(self.sums)
         means = torch.stack([self.sums[name] for name in names]) / self.count

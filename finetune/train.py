@@ -20,7 +20,8 @@ import transformers
 from finetune.arguments import DataArguments, EmbeddingTrainingArguments, ModelArguments
 from finetune.checkpointing import last_complete_checkpoint
 from finetune.config import ConfigError, launch_defaults, parse_arguments
-from finetune.data import TripletCollator, TripletDataset, check_enough_negatives, load_raw_dataset, tokenize_dataset
+from finetune.data import (TripletCollator, TripletDataset, check_enough_negatives, check_teacher_scores, load_raw_dataset,
+                           tokenize_dataset)
 from finetune.evaluation import RetrievalEvaluator, load_retrieval_set, retrieval_set_from_records, with_extra_corpus
 from finetune.hub import HubPushError, SentenceTransformerHubMixin
 from finetune.modeling import EmbeddingModel, ModelLoadError
@@ -134,8 +135,12 @@ def run(model_args: ModelArguments, data_args: DataArguments, training_args: Emb
     resume_from = find_resume_checkpoint(training_args)
     # Validate all data before the model is loaded: a bad record should cost seconds, not GPU time.
     with training_args.main_process_first(desc="data validation"):
-        load_raw_dataset(data_args.train_file)
+        raw_train = load_raw_dataset(data_args.train_file)
         raw_validation = load_raw_dataset(data_args.validation_file) if data_args.validation_file else None
+    if training_args.distillation != "none":
+        for raw in (raw_train, raw_validation):
+            if raw is not None:
+                check_teacher_scores(raw, f"--distillation {training_args.distillation}")
     retrieval_set = None
     if data_args.eval_retrieval_data:
         retrieval_set = load_retrieval_set(data_args.eval_retrieval_data, extra_corpus=data_args.eval_corpus_file)
@@ -149,6 +154,9 @@ def run(model_args: ModelArguments, data_args: DataArguments, training_args: Emb
         trust_remote_code=model_args.trust_remote_code, padding_free=model_args.padding_free,
         query_prefix=data_args.query_prefix, document_prefix=data_args.passage_prefix,
         max_seq_length=max(data_args.query_max_length, data_args.passage_max_length))
+    too_large = [dim for dim in training_args.matryoshka_dims or [] if dim > model.embedding_dimension]
+    if too_large:
+        raise ConfigError(f"--matryoshka_dims {too_large} exceed the model's embedding size {model.embedding_dimension}.")
     train_dataset, eval_dataset = build_datasets(data_args, training_args, model.tokenizer)
     if training_args.torch_compile and model.position_rule is not None:
         logger.warning("--torch_compile with padding-free encoding recompiles for every new packed length (measured "
@@ -170,7 +178,7 @@ def run(model_args: ModelArguments, data_args: DataArguments, training_args: Emb
     configure_tracking(training_args)
     evaluator = None if retrieval_set is None else RetrievalEvaluator(
         retrieval_set, query=data_args.query_side, document=data_args.document_side,
-        batch_size=training_args.per_device_eval_batch_size)
+        batch_size=training_args.per_device_eval_batch_size, truncate_dims=training_args.matryoshka_dims or ())
     trainer = HubEmbeddingTrainer(model=model, args=training_args, train_dataset=train_dataset,
                                   eval_dataset=eval_dataset, data_collator=TripletCollator(model.tokenizer, pad_multiple),
                                   processing_class=model.tokenizer, evaluator=evaluator)

@@ -18,7 +18,7 @@ from finetune.checkpointing import mark_checkpoint_complete, save_staged
 from finetune.data import build_train_sampler
 from finetune.gradcache import cached_training_step
 from finetune.monitoring import ComponentMeter, NonFiniteError, NonFiniteGuard  # noqa: F401 (NonFiniteError: API)
-from finetune.objectives import Objective, build_objective, gather_batch
+from finetune.objectives import Objective, batch_for_objective, build_objective
 
 
 class EmbeddingTrainer(Trainer):
@@ -34,7 +34,7 @@ class EmbeddingTrainer(Trainer):
         if self.args.gradcache_mini_batch_size and (self.is_deepspeed_enabled or self.is_fsdp_enabled):
             raise ValueError("--gradcache_mini_batch_size is not supported with DeepSpeed or FSDP yet "
                              "(it back-propagates several times per step); use DDP, or grow the batch without it.")
-        self.objective = objective or build_objective(self.args)
+        self.objective = objective if objective is not None else build_objective(self.args)
         self.evaluator = evaluator
         self.guard = NonFiniteGuard(self.args)
         self.components = ComponentMeter()
@@ -55,8 +55,8 @@ class EmbeddingTrainer(Trainer):
         processes together). Evaluation does not gather: its last batches may differ in size between processes.
         """
         gather = training and self.args.global_in_batch_negatives
-        batch = gather_batch(query_emb, doc_emb, inputs["doc_keys"], inputs.get("doc_scores"), gather=gather,
-                             backprop=self.args.global_backprop)
+        batch = batch_for_objective(self.objective, query_emb, doc_emb, inputs, gather=gather,
+                                    backprop=self.args.global_backprop)
         output = self.objective(batch)
         if not training:
             return output.loss
@@ -64,6 +64,13 @@ class EmbeddingTrainer(Trainer):
             return None
         self.components.add(output.components)
         return output.loss
+
+    def _prepare_inputs(self, inputs):
+        scores = inputs.get("doc_scores")
+        inputs = super()._prepare_inputs(inputs)
+        if scores is not None:  # DeepSpeed casts float inputs to bf16/fp16; teacher scores stay fp32
+            inputs["doc_scores"] = scores.to(self.args.device)
+        return inputs
 
     def training_step(self, model, inputs, num_items_in_batch=None):
         if not self.args.gradcache_mini_batch_size:

@@ -14,10 +14,8 @@ import dataclasses
 import enum
 import inspect
 import json
-import os
 import re
 import sys
-import tempfile
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -194,23 +192,10 @@ def render_options_page() -> str:
     return "\n".join(lines) + "\n"
 
 
-def write_atomically(path: Path, text: str) -> None:
-    """Write to a temporary file in the same folder, then rename: a crash never leaves half a page."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle = tempfile.NamedTemporaryFile("w", encoding="utf-8", newline="\n", dir=path.parent,
-                                         prefix=f".{path.name}.", suffix=".tmp", delete=False)
-    try:
-        with handle:
-            handle.write(text)
-        os.chmod(handle.name, 0o644)  # tempfile creates it private; the page is an ordinary file
-        os.replace(handle.name, path)
-    except BaseException:
-        os.unlink(handle.name)
-        raise
-
-
 def main() -> None:
-    write_atomically(OPTIONS_PAGE, render_options_page())
+    from finetune.checkpointing import write_text_atomic
+
+    write_text_atomic(OPTIONS_PAGE, render_options_page())
     print(f"wrote {OPTIONS_PAGE.relative_to(ROOT)}")
 
 

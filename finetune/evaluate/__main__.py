@@ -44,7 +44,8 @@ def format_table(results: dict[str, dict]) -> str:
 
 
 def main(argv: list[str] | None = None) -> dict:
-    parser = argparse.ArgumentParser(prog="python -m finetune.evaluate", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(prog="python -m finetune.evaluate", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model_name_or_path", nargs="+", required=True,
                         help="One or more SentenceTransformer-loadable models (Hub ids or folders).")
     parser.add_argument("--data", required=True, nargs="+",
@@ -54,12 +55,18 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--batch_size", type=int, default=64, help="Encoding batch size (default 64).")
     parser.add_argument("--max_seq_length", type=int, default=None,
                         help="Truncate texts to this many tokens (default: each model's own max_seq_length).")
+    parser.add_argument("--truncate_dim", type=int, default=None,
+                        help="Evaluate the embeddings cut to their first D dimensions (Matryoshka models; cosine "
+                             "re-normalises). Default: the full embedding.")
     args = parser.parse_args(argv)
+    if args.truncate_dim is not None and args.truncate_dim < 1:
+        raise ValueError(f"--truncate_dim must be >= 1, got {args.truncate_dim}.")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
 
     dataset = load_retrieval_set(args.data, split=args.split)
     logger.info("%d queries, %d documents", len(dataset.queries), len(dataset.corpus))
-    results = {name: evaluate_model(name, dataset, batch_size=args.batch_size, max_seq_length=args.max_seq_length)
+    results = {name: evaluate_model(name, dataset, batch_size=args.batch_size, max_seq_length=args.max_seq_length,
+                                    truncate_dim=args.truncate_dim)
                for name in args.model_name_or_path}
     print(format_table(results))
     print(json.dumps(results, indent=2))
