@@ -133,7 +133,7 @@ def main(argv: list[str] | None = None) -> dict:
             raise ValueError(f"--{name} must be at least 1, got {getattr(args, name)}.")
     from accelerate import PartialState
 
-    state = PartialState()
+    state = PartialState(cpu=not torch.cuda.is_available())  # CPU launches: one gloo group, not one process each
     records = [normalize_record(record) for record in read_records(args.input)]  # validated before any model loads
     blocks = [records[start:start + args.block_size] for start in range(0, len(records), args.block_size)]
     parts = f"{args.output}.parts"
