@@ -7,10 +7,12 @@ packaged all-MiniLM-L6-v2 on ``data_prep/example_data``.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path
 
 from transformers import TrainingArguments
 
+from finetune.blend import SAMPLING_MODES, DatasetSpec, parse_dataset_specs
 from finetune.losses import DIRECTIONS, DISTILLATION_KINDS, NEGATIVE_MODES
 from finetune.pooling import POOLING_MODES
 from finetune.text import TextSide
@@ -68,6 +70,25 @@ class DataArguments:
         default=None,
         metadata={"help": "Validation data in the same format (files or globs). Default: the bundled example's "
                           "validation set when --train_file is not given, else none."})
+    train_datasets: list[str] | None = field(
+        default=None,
+        metadata={"help": "Blended training on several datasets (NeMo's data_prefix blend), instead of --train_file: "
+                          "one value per dataset, 'name=path[:weight]' or (in a recipe) a mapping with name, files and "
+                          "optional weight, num_hard_negatives, query_prefix, passage_prefix (its instruction), "
+                          "hard_negatives_mode. Every batch comes from one dataset. See docs/blending.md."})
+    validation_datasets: list[str] | None = field(
+        default=None,
+        metadata={"help": "Validation datasets of the same shape, instead of --validation_file: retrieval metrics per "
+                          "dataset (eval_<name>_ndcg@10) and their mean (eval_ndcg@10)."})
+    dataset_sampling: str = field(
+        default="proportional",
+        metadata={"help": "How --train_datasets are drawn: 'proportional' (every record once per epoch, datasets in "
+                          "proportion to their sizes), 'round_robin' (one batch of each in turn until the smallest is "
+                          "used up), 'weighted' (each batch from dataset i with probability weight_i: NeMo's blend)."})
+    dataset_temperature: float | None = field(
+        default=None,
+        metadata={"help": "With --dataset_sampling weighted: weights from the dataset sizes, n_i^(1/T) (T=1 "
+                          "proportional, larger T flatter, as multilingual training does) instead of the given ones."})
     eval_retrieval_data: list[str] | None = field(
         default=None,
         metadata={"help": "Data for retrieval metrics at each evaluation: seed-format files/globs or one BEIR folder "
@@ -91,19 +112,45 @@ class DataArguments:
         default=None, metadata={"help": "Processes for tokenization with datasets.map (default: one)."})
 
     def __post_init__(self):
-        if self.train_file is None:
+        if self.train_file and self.train_datasets or self.validation_file and self.validation_datasets:
+            raise ValueError("Give --train_file or --train_datasets (and --validation_file or --validation_datasets), "
+                             "not both.")
+        if self.train_file is None and not self.train_datasets:
             self.train_file = [EXAMPLE_TRAIN_FILE]
-            if self.validation_file is None:
+            if self.validation_file is None and not self.validation_datasets:
                 self.validation_file = [EXAMPLE_VALIDATION_FILE]
-        if self.eval_retrieval_data and not self.validation_file:
+        if self.dataset_sampling not in SAMPLING_MODES:
+            raise ValueError(f"--dataset_sampling must be one of {SAMPLING_MODES}, got {self.dataset_sampling!r}.")
+        if self.dataset_temperature is not None and (self.dataset_temperature <= 0 or self.dataset_sampling != "weighted"):
+            raise ValueError("--dataset_temperature needs --dataset_sampling weighted and a value > 0.")
+        self.train_specs, self.validation_specs  # noqa: B018 (parse now: a bad spec fails before anything loads)
+        if self.eval_retrieval_data and not self.has_validation:
             raise ValueError("--eval_retrieval_data needs a --validation_file too (it gives the validation loss).")
-        if self.eval_corpus_file and not (self.eval_retrieval_data or self.validation_file):
+        if self.eval_corpus_file and not (self.eval_retrieval_data or self.has_validation):
             raise ValueError("--eval_corpus_file needs evaluation data (--validation_file or --eval_retrieval_data).")
         if self.num_hard_negatives < 0:
             raise ValueError(f"--num_hard_negatives must be >= 0, got {self.num_hard_negatives}.")
         for name in ("query_max_length", "passage_max_length"):
             if getattr(self, name) < 2:
                 raise ValueError(f"--{name} must be at least 2 tokens, got {getattr(self, name)}.")
+
+    @cached_property
+    def train_specs(self) -> list[DatasetSpec]:
+        """The training datasets: --train_datasets, or --train_file as one dataset named 'train'."""
+        if self.train_datasets:
+            return parse_dataset_specs(self.train_datasets, "--train_datasets")
+        return [DatasetSpec("train", tuple(self.train_file))]
+
+    @cached_property
+    def validation_specs(self) -> list[DatasetSpec]:
+        """The validation datasets: --validation_datasets, or --validation_file as one named 'validation'; [] if none."""
+        if self.validation_datasets:
+            return parse_dataset_specs(self.validation_datasets, "--validation_datasets")
+        return [DatasetSpec("validation", tuple(self.validation_file))] if self.validation_file else []
+
+    @property
+    def has_validation(self) -> bool:
+        return bool(self.validation_file or self.validation_datasets)
 
     @property
     def query_side(self) -> TextSide:
@@ -163,7 +210,10 @@ class EmbeddingTrainingArguments(TrainingArguments):
     distillation_weight: float = field(
         default=1.0, metadata={"help": "Weight of the distillation loss, added to the ranking loss."})
     teacher_temperature: float = field(
-        default=1.0, metadata={"help": "Temperature of the teacher's softmax for --distillation kl (teacher score / T)."})
+        default=1.0,
+        metadata={"help": "The teacher's scores divided by this are its logits, compared with the student's "
+                          "(scale x cosine) by --distillation kl and margin_mse: 1 for a cross-encoder's logits; for "
+                          "a bi-encoder teacher's cosines use the student's --temperature (e.g. 0.05)."})
     matryoshka_dims: list[str] | None = field(
         default=None,
         metadata={"help": "Matryoshka training: embedding sizes to train for, e.g. 384,256,128,64; the objective is "

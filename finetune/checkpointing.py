@@ -89,8 +89,10 @@ def move_into_place(staging: str, output_dir: str, last: str) -> None:
     os.rmdir(staging)
 
 
-def save_staged(output_dir: str, write: Callable[[str], None], *, last: str = "modules.json") -> None:
-    """Call ``write(folder)`` on an empty staging folder inside ``output_dir``, then move its files into place.
+def save_staged(output_dir: str, write: Callable[[str], None], *, last: str = "modules.json",
+                extra_files: dict[str, str] | None = None) -> None:
+    """Call ``write(folder)`` on an empty staging folder inside ``output_dir`` (and write ``extra_files``, name ->
+    text, beside), then move its files into place.
 
     A kill during ``write`` leaves ``output_dir`` as it was; ``last`` (the file that makes loaders
     take the folder for a model) arrives after everything else.
@@ -99,6 +101,9 @@ def save_staged(output_dir: str, write: Callable[[str], None], *, last: str = "m
     shutil.rmtree(staging, ignore_errors=True)
     os.makedirs(staging)
     write(staging)
+    for name, text in (extra_files or {}).items():
+        with open(os.path.join(staging, name), "w", encoding="utf-8") as handle:
+            handle.write(text)
     move_into_place(staging, output_dir, last=last)
 
 

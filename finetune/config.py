@@ -41,8 +41,8 @@ def recipe_to_flags(path: str) -> list[str]:
         if value is None:
             continue
         flags.append(f"--{key}")
-        if isinstance(value, list):
-            flags.extend(str(item) for item in value)
+        if isinstance(value, list):  # mappings in a list (e.g. train_datasets) travel as JSON objects
+            flags.extend(json.dumps(item) if isinstance(item, dict) else str(item) for item in value)
         elif isinstance(value, dict):
             flags.append(json.dumps(value))
         else:
@@ -91,12 +91,12 @@ def parse_arguments(argv: list[str] | None) -> tuple[ModelArguments, DataArgumen
         argv = recipe_to_flags(argv[0]) + argv[1:]
     argv = launch_defaults() + argv
     parsed = _parse(argv)
-    if parsed[1].validation_file and "--eval_on_start" not in argv:
+    if parsed[1].has_validation and "--eval_on_start" not in argv:
         # With validation data, evaluate the base model first so the gain is visible (flags may override).
         parsed = _parse(["--eval_on_start", "true"] + argv)
     _, data_args, training_args = parsed
     evaluates = str(getattr(training_args.eval_strategy, "value", training_args.eval_strategy)) != "no"
-    if not data_args.validation_file and (evaluates or training_args.load_best_model_at_end):
+    if not data_args.has_validation and (evaluates or training_args.load_best_model_at_end):
         raise ConfigError("--eval_strategy / --load_best_model_at_end need --validation_file (or pass "
                           "--eval_strategy no).")
     return parsed

@@ -22,6 +22,7 @@ import torch
 from torch.utils.data import Dataset, Sampler
 from transformers import PreTrainedTokenizerBase
 
+from finetune.blend import BlendedEpochSampler, BlendedEvalSampler, BlendedTripletDataset
 from finetune.schema import (NEG_DOC, NEG_SCORES, OPTIONAL_FIELDS, POS_DOC, POS_SCORES, QUESTION, SOURCE,
                              DataFormatError, RecordProblem, expand_data_files, read_records)
 from finetune.text import TextSide
@@ -252,14 +253,23 @@ class LengthGroupedEpochSampler(EpochShuffleSampler):
                     yield (self.epoch, index)
 
 
-def build_train_sampler(dataset: "TripletDataset", strategy: str, batch_size: int, seed: int) -> EpochShuffleSampler:
+def build_train_sampler(dataset: "TripletDataset", strategy: str, batch_size: int, seed: int,
+                        world_size: int = 1) -> Sampler:
     """The sampler of ``--train_sampling_strategy``: random, group_by_length or sequential (validated by the arguments).
 
-    Every sampler yields ``(epoch, index)`` keys for TripletDataset.
+    Every sampler yields ``(epoch, index)`` keys for TripletDataset; a blend of datasets gets its own
+    schedule (``finetune.blend.BlendedEpochSampler``: blocks of world_size x batch_size keys of one dataset).
     """
+    if isinstance(dataset, BlendedTripletDataset):
+        return BlendedEpochSampler(dataset, block=world_size * batch_size, seed=seed)
     if strategy == "group_by_length":
         return LengthGroupedEpochSampler(example_lengths(dataset.tokenized), batch_size, seed=seed)
     return EpochShuffleSampler(len(dataset), seed=seed, shuffle=strategy != "sequential")
+
+
+def build_eval_sampler(dataset, batch_size: int, world_size: int = 1) -> Sampler | None:
+    """A blend of validation datasets: batches that each hold one dataset; None (the Trainer's own) otherwise."""
+    return BlendedEvalSampler(dataset, world_size * batch_size) if isinstance(dataset, BlendedTripletDataset) else None
 
 
 def example_lengths(tokenized: datasets.Dataset) -> list[int]:
@@ -322,6 +332,8 @@ class TripletCollator:
                  "doc_input_ids": doc_ids, "doc_attention_mask": doc_mask,
                  "doc_keys": torch.tensor(keys, dtype=torch.long),
                  "query_keys": torch.tensor([f["query_key"] for f in features], dtype=torch.long)}
+        if "dataset_index" in features[0]:  # blended training: every batch holds one dataset (finetune.blend)
+            batch["dataset_index"] = torch.tensor(features[0]["dataset_index"])
         if all("doc_scores" in feature for feature in features):
             scores = [f["doc_scores"][0] for f in features] + [s for f in features for s in f["doc_scores"][1:]]
             batch["doc_scores"] = torch.tensor(scores, dtype=torch.float32)

@@ -194,6 +194,21 @@ class RetrievalEvaluator:
                                   similarity=model.similarity, truncate_dims=self.truncate_dims)
 
 
+class MultiRetrievalEvaluator:
+    """One RetrievalEvaluator per validation dataset: metrics ``<name>_<metric>`` and their mean under ``<metric>``."""
+
+    def __init__(self, evaluators: dict[str, RetrievalEvaluator]):
+        self.evaluators = evaluators
+
+    def __call__(self, model, **kwargs) -> dict[str, float]:
+        per_dataset = {name: evaluator(model, **kwargs) for name, evaluator in self.evaluators.items()}
+        metrics = {f"{name}_{metric}": value for name, values in per_dataset.items() for metric, value in values.items()}
+        shared = set.intersection(*(set(values) for values in per_dataset.values()))
+        metrics.update({metric: sum(values[metric] for values in per_dataset.values()) / len(per_dataset)
+                        for metric in sorted(shared)})
+        return metrics
+
+
 def evaluate_model(model_name_or_path: str, dataset: RetrievalSet, *, batch_size: int, max_seq_length: int | None,
                    show_progress_bar: bool = True, truncate_dim: int | None = None) -> dict:
     """Retrieval metrics of any SentenceTransformer-loadable model, with its saved ``query``/``document`` prompts

@@ -204,11 +204,14 @@ def kl_distillation_loss(student_scores: torch.Tensor, teacher_scores: torch.Ten
     return F.kl_div(student, teacher, reduction="batchmean", log_target=True)
 
 
-def margin_mse_loss(student_scores: torch.Tensor, teacher_scores: torch.Tensor, *, scale: float = 20.0) -> torch.Tensor:
-    """MarginMSE: mean squared difference of positive-minus-negative margins, student (scale x cosine) vs teacher.
+def margin_mse_loss(student_scores: torch.Tensor, teacher_scores: torch.Tensor, *, scale: float = 20.0,
+                    teacher_temperature: float = 1.0) -> torch.Tensor:
+    """MarginMSE: mean squared difference of positive-minus-negative margins, in logits.
 
+    Student logits = scale x cosine, teacher logits = teacher score / teacher_temperature (1 for a
+    cross-encoder's logits; the student's temperature for a bi-encoder teacher's cosines).
     Shapes: student_scores, teacher_scores (B, 1+k), k >= 1 -> scalar over the B*k margins (fp32).
     """
     student = student_scores.float() * scale
-    teacher = teacher_scores.float()
+    teacher = teacher_scores.float() / teacher_temperature
     return F.mse_loss(student[:, :1] - student[:, 1:], teacher[:, :1] - teacher[:, 1:])

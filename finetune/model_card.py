@@ -75,7 +75,7 @@ def hub_repo_id(name_or_path: str | None, kind: str = "models") -> str | None:
 
 def save_training_run(output_dir: str, model_args, data_args, training_args, *, num_train_records: int,
                       num_validation_records: int, world_size: int, base_model_id: str | None = None,
-                      tracking_url: str | None = None) -> str:
+                      tracking_url: str | None = None, datasets_seen: list[dict] | None = None) -> str:
     """Record what the card needs and only the training process knows, as ``training_run.json``.
 
     ``base_model_id``: the Hub id of a local base model (e.g. the packaged MiniLM), if known.
@@ -85,13 +85,25 @@ def save_training_run(output_dir: str, model_args, data_args, training_args, *, 
     defaults = type(training_args)(output_dir=training_args.output_dir, use_cpu=training_args.use_cpu).to_dict()
     options = {name: value for name, value in training_args.to_dict().items()
                if defaults.get(name) != value and name not in _NOT_TRAINING_OPTIONS and "token" not in name}
+    train_files = [path for spec in data_args.train_specs for path in spec.files]
+    validation_files = [path for spec in data_args.validation_specs for path in spec.files]
+    seen = {entry["name"]: entry for entry in datasets_seen or []}
     run = {
         "base_model": model_args.model_name_or_path,
         "base_model_id": base_model_id or hub_repo_id(model_args.model_name_or_path),
-        "train_files": [os.path.basename(path) for path in data_args.train_file],
-        "validation_files": [os.path.basename(path) for path in data_args.validation_file or []],
-        "datasets": sorted({repo for path in [*data_args.train_file, *(data_args.validation_file or [])]
+        "train_files": [os.path.basename(path) for path in train_files],
+        "validation_files": [os.path.basename(path) for path in validation_files],
+        "datasets": sorted({repo for path in [*train_files, *validation_files]
                             if (repo := hub_repo_id(path, "datasets")) is not None}),
+        # Blended training: each dataset with its instruction and what it gave (finetune.blend).
+        "train_datasets": [{"name": spec.name, "files": [os.path.basename(path) for path in spec.files],
+                            "query_prefix": data_args.query_prefix if spec.query_prefix is None else spec.query_prefix,
+                            "passage_prefix": (data_args.passage_prefix if spec.passage_prefix is None
+                                               else spec.passage_prefix),
+                            "batches": seen.get(spec.name, {}).get("batches"),
+                            "records": seen.get(spec.name, {}).get("records")}
+                           for spec in data_args.train_specs] if datasets_seen else [],
+        "dataset_sampling": data_args.dataset_sampling if datasets_seen else None,
         "num_train_records": num_train_records,
         "num_validation_records": num_validation_records,
         "query_prefix": data_args.query_prefix,

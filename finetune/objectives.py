@@ -44,6 +44,7 @@ class EmbeddedBatch:
     num_shards: int = 1
     all_query_emb: torch.Tensor | None = None
     query_keys: torch.Tensor | None = None
+    dataset_index: int | None = None  # which dataset of a blend the batch comes from (finetune.blend)
 
     def __post_init__(self):
         if self.all_query_emb is None:
@@ -78,7 +79,7 @@ class Objective(Protocol):
 def gather_batch(query_emb: torch.Tensor, doc_emb: torch.Tensor, doc_keys: torch.Tensor | None = None,
                  doc_scores: torch.Tensor | None = None, *, gather: bool, backprop: str = "global",
                  query_keys: torch.Tensor | None = None, gather_queries: bool = False,
-                 gather_scores: bool = False) -> EmbeddedBatch:
+                 gather_scores: bool = False, dataset_index: int | None = None) -> EmbeddedBatch:
     """The local queries against the documents of every process (``gather`` and several processes), else the local ones.
 
     ``backprop``: 'global' or 'local' gradients through the gathered documents (and, with
@@ -96,16 +97,18 @@ def gather_batch(query_emb: torch.Tensor, doc_emb: torch.Tensor, doc_keys: torch
             all_query_emb = gather_rows(query_emb, backprop)  # (S*B, D)
             query_keys = None if query_keys is None else gather_rows(query_keys, "local")
     return EmbeddedBatch(query_emb, doc_emb, doc_keys, doc_scores, shard_index=rank, num_shards=size,
-                         all_query_emb=all_query_emb, query_keys=query_keys)
+                         all_query_emb=all_query_emb, query_keys=query_keys, dataset_index=dataset_index)
 
 
 def batch_for_objective(objective: Objective, query_emb: torch.Tensor, doc_emb: torch.Tensor, inputs: dict, *,
                         gather: bool, backprop: str = "global") -> EmbeddedBatch:
     """:func:`gather_batch` of a TripletCollator batch (``inputs``), gathering what ``objective`` needs."""
+    dataset_index = inputs.get("dataset_index")
     return gather_batch(query_emb, doc_emb, inputs["doc_keys"], inputs.get("doc_scores"), gather=gather,
                         backprop=backprop, query_keys=inputs.get("query_keys"),
                         gather_queries=getattr(objective, "needs_all_queries", False),
-                        gather_scores=getattr(objective, "needs_scores", False))
+                        gather_scores=getattr(objective, "needs_scores", False),
+                        dataset_index=None if dataset_index is None else int(dataset_index))
 
 
 @dataclass
@@ -138,8 +141,9 @@ class RankingObjective:
 class DistillationObjective:
     """Distillation from teacher scores (``doc_scores``) over each query's own positive and hard negatives.
 
-    ``kind``: 'kl' (listwise KL divergence, teacher softmax at ``teacher_temperature``) or 'margin_mse'
-    (positive-minus-negative margins). The student's scores are ``scale`` x cosine, the ranking loss's logits.
+    ``kind``: 'kl' (listwise KL divergence of the softmaxes) or 'margin_mse' (positive-minus-negative margins).
+    Both compare logits: the student's are ``scale`` x cosine (the ranking loss's), the teacher's its score
+    / ``teacher_temperature``.
     """
 
     kind: str = "kl"
@@ -159,7 +163,7 @@ class DistillationObjective:
         if self.kind == "kl":
             loss = kl_distillation_loss(student, teacher, scale=self.scale, teacher_temperature=self.teacher_temperature)
         else:
-            loss = margin_mse_loss(student, teacher, scale=self.scale)
+            loss = margin_mse_loss(student, teacher, scale=self.scale, teacher_temperature=self.teacher_temperature)
         return ObjectiveOutput(loss, {f"loss_{self.name}_{self.kind}": loss})
 
 
@@ -212,7 +216,30 @@ class MatryoshkaObjective:
         return ObjectiveOutput(loss, components)
 
 
-def build_objective(training_args) -> Objective:
+@dataclass
+class DatasetDispatch:
+    """Blended training: the objective of the batch's dataset, and a ``dataset_<name>`` component per dataset
+    (1 for the batch's, 0 for the others: the logs show the share of batches each dataset had)."""
+
+    objectives: list[Objective]
+    names: list[str]
+
+    @property
+    def needs_all_queries(self) -> bool:
+        return any(getattr(objective, "needs_all_queries", False) for objective in self.objectives)
+
+    @property
+    def needs_scores(self) -> bool:
+        return any(getattr(objective, "needs_scores", False) for objective in self.objectives)
+
+    def __call__(self, batch: EmbeddedBatch) -> ObjectiveOutput:
+        index = batch.dataset_index or 0
+        output = self.objectives[index](batch)
+        shares = {f"dataset_{name}": output.loss.new_tensor(float(i == index)) for i, name in enumerate(self.names)}
+        return ObjectiveOutput(output.loss, {**output.components, **shares})
+
+
+def build_objective(training_args, hard_negatives_mode: str | None = None) -> Objective:
     """The objective the training arguments ask for.
 
     Ranking (``--ranking_weight``, --temperature, --hard_negatives_mode, --ranking_directions) plus
@@ -220,7 +247,8 @@ def build_objective(training_args) -> Objective:
     Matryoshka dimensions (``--matryoshka_dims``) when given. The defaults give the ranking loss alone.
     """
     args = training_args
-    ranking = RankingObjective(scale=args.scale, mode=args.hard_negatives_mode, directions=tuple(args.ranking_directions))
+    ranking = RankingObjective(scale=args.scale, mode=hard_negatives_mode or args.hard_negatives_mode,
+                               directions=tuple(args.ranking_directions))
     terms: list[tuple[float, Objective]] = []
     if args.ranking_weight > 0:
         terms.append((args.ranking_weight, ranking))

@@ -20,15 +20,15 @@ import transformers
 from finetune.arguments import DataArguments, EmbeddingTrainingArguments, ModelArguments
 from finetune.checkpointing import last_complete_checkpoint
 from finetune.config import ConfigError, launch_defaults, parse_arguments
-from finetune.data import (TripletCollator, TripletDataset, check_enough_negatives, check_teacher_scores, load_raw_dataset,
-                           tokenize_dataset)
-from finetune.evaluation import RetrievalEvaluator, load_retrieval_set, retrieval_set_from_records, with_extra_corpus
+from finetune.blend import BlendedTripletDataset, blocks_per_dataset
+from finetune.data import TripletCollator
 from finetune.hub import HubPushError, SentenceTransformerHubMixin
 from finetune.modeling import EmbeddingModel, ModelLoadError
 from finetune.monitoring import NonFiniteError
 from finetune.schema import DataFormatError
 from finetune.sharing import configure_tracking, share
 from finetune.trainer import EmbeddingTrainer
+from finetune.training_data import build_training_data, read_data
 
 logger = logging.getLogger("finetune.train")
 
@@ -110,18 +110,9 @@ def setup_logging(training_args: EmbeddingTrainingArguments) -> None:
 
 
 def build_datasets(data_args: DataArguments, training_args: EmbeddingTrainingArguments, tokenizer):
-    """Validated, tokenized train (and validation) TripletDatasets; validation is None when not given."""
-    def build(files: list[str]) -> TripletDataset:
-        raw = load_raw_dataset(files)
-        tokenized = tokenize_dataset(raw, tokenizer, query=data_args.query_side, document=data_args.document_side,
-                                     num_proc=data_args.preprocessing_num_workers)
-        check_enough_negatives(tokenized, data_args.num_hard_negatives)
-        return TripletDataset(tokenized, data_args.num_hard_negatives, seed=training_args.data_order_seed)
-
-    with training_args.main_process_first(desc="dataset preparation"):
-        train_dataset = build(data_args.train_file)
-        eval_dataset = build(data_args.validation_file) if data_args.validation_file else None
-    return train_dataset, eval_dataset
+    """Validated, tokenized train (and validation) datasets; validation is None when not given."""
+    data = build_training_data(read_data(data_args, training_args), data_args, training_args, tokenizer)
+    return data.train, data.validation
 
 
 def run(model_args: ModelArguments, data_args: DataArguments, training_args: EmbeddingTrainingArguments) -> dict:
@@ -134,21 +125,10 @@ def run(model_args: ModelArguments, data_args: DataArguments, training_args: Emb
                     training_args.world_size, " ".join(defaults), training_args.ddp_backend or "default")
     resume_from = find_resume_checkpoint(training_args)
     # Validate all data before the model is loaded: a bad record should cost seconds, not GPU time.
-    with training_args.main_process_first(desc="data validation"):
-        raw_train = load_raw_dataset(data_args.train_file)
-        raw_validation = load_raw_dataset(data_args.validation_file) if data_args.validation_file else None
-    if training_args.distillation != "none":
-        for raw in (raw_train, raw_validation):
-            if raw is not None:
-                check_teacher_scores(raw, f"--distillation {training_args.distillation}")
-    retrieval_set = None
-    if data_args.eval_retrieval_data:
-        retrieval_set = load_retrieval_set(data_args.eval_retrieval_data, extra_corpus=data_args.eval_corpus_file)
-    elif raw_validation is not None:  # the validation records just parsed: no second pass over the file
-        retrieval_set = with_extra_corpus(retrieval_set_from_records(raw_validation), data_args.eval_corpus_file)
-    if retrieval_set is not None:
-        logger.info("Retrieval evaluation: %d queries over %d documents.", len(retrieval_set.queries),
-                    len(retrieval_set.corpus))
+    raw = read_data(data_args, training_args)
+    for name, retrieval_set in (raw.retrieval_sets or {}).items():
+        logger.info("Retrieval evaluation%s: %d queries over %d documents.", f" ({name})" if name else "",
+                    len(retrieval_set.queries), len(retrieval_set.corpus))
     model = EmbeddingModel.from_pretrained(
         model_args.model_name_or_path, pooling=model_args.pooling, normalize=model_args.normalize,
         trust_remote_code=model_args.trust_remote_code, padding_free=model_args.padding_free,
@@ -157,7 +137,8 @@ def run(model_args: ModelArguments, data_args: DataArguments, training_args: Emb
     too_large = [dim for dim in training_args.matryoshka_dims or [] if dim > model.embedding_dimension]
     if too_large:
         raise ConfigError(f"--matryoshka_dims {too_large} exceed the model's embedding size {model.embedding_dimension}.")
-    train_dataset, eval_dataset = build_datasets(data_args, training_args, model.tokenizer)
+    data = build_training_data(raw, data_args, training_args, model.tokenizer)
+    train_dataset, eval_dataset = data.train, data.validation
     if training_args.torch_compile and model.position_rule is not None:
         logger.warning("--torch_compile with padding-free encoding recompiles for every new packed length (measured "
                        "about 100x slower over the first steps on CPU); prefer --torch_compile false, or "
@@ -176,12 +157,9 @@ def run(model_args: ModelArguments, data_args: DataArguments, training_args: Emb
 
     pad_multiple = 8 if (training_args.fp16 or training_args.bf16) else None
     configure_tracking(training_args)
-    evaluator = None if retrieval_set is None else RetrievalEvaluator(
-        retrieval_set, query=data_args.query_side, document=data_args.document_side,
-        batch_size=training_args.per_device_eval_batch_size, truncate_dims=training_args.matryoshka_dims or ())
     trainer = HubEmbeddingTrainer(model=model, args=training_args, train_dataset=train_dataset,
                                   eval_dataset=eval_dataset, data_collator=TripletCollator(model.tokenizer, pad_multiple),
-                                  processing_class=model.tokenizer, evaluator=evaluator)
+                                  processing_class=model.tokenizer, evaluator=data.evaluator, objective=data.objective)
     train_result = trainer.train(resume_from_checkpoint=resume_from)
     trainer.save_model()
     metrics = dict(train_result.metrics)
@@ -194,13 +172,25 @@ def run(model_args: ModelArguments, data_args: DataArguments, training_args: Emb
         metrics.update(eval_metrics)
     trainer.save_state()
     share(trainer, model_args, data_args, training_args, num_train_records=len(train_dataset),
-          num_validation_records=len(eval_dataset) if eval_dataset is not None else 0)
+          num_validation_records=len(eval_dataset) if eval_dataset is not None else 0,
+          datasets_seen=datasets_seen(trainer, train_dataset))
     if training_args.should_save:
         print(f"\nModel saved to {os.path.abspath(training_args.output_dir)}\n"
               f"Load it with:\n  from sentence_transformers import SentenceTransformer\n"
               f"  model = SentenceTransformer({os.path.abspath(training_args.output_dir)!r})\n"
               f"  model.encode_query([...]); model.encode_document([...])\n")
     return metrics
+
+
+def datasets_seen(trainer, train_dataset) -> list[dict] | None:
+    """Blended training: batches and records each dataset gave, from the (deterministic) schedule; None otherwise."""
+    if not isinstance(train_dataset, BlendedTripletDataset):
+        return None
+    sampler = trainer._get_train_sampler(train_dataset)
+    blocks = trainer.state.global_step * trainer.args.gradient_accumulation_steps  # one block per micro-step
+    counts = blocks_per_dataset(sampler, blocks)
+    return [{"name": name, "batches": count, "records": count * sampler.block} for name, count in
+            zip(train_dataset.names, counts)]
 
 
 def main(argv: list[str] | None = None) -> dict:

@@ -15,7 +15,7 @@ import torch
 from transformers import Trainer
 
 from finetune.checkpointing import mark_checkpoint_complete, save_staged
-from finetune.data import build_train_sampler
+from finetune.data import build_eval_sampler, build_train_sampler
 from finetune.gradcache import cached_training_step
 from finetune.monitoring import ComponentMeter, NonFiniteError, NonFiniteGuard  # noqa: F401 (NonFiniteError: API)
 from finetune.objectives import Objective, batch_for_objective, build_objective
@@ -122,23 +122,22 @@ class EmbeddingTrainer(Trainer):
     def _get_train_sampler(self, train_dataset=None):
         dataset = train_dataset if train_dataset is not None else self.train_dataset
         return build_train_sampler(dataset, self.args.train_sampling_strategy, self.args.per_device_train_batch_size,
-                                   seed=self.args.data_order_seed)
+                                   seed=self.args.data_order_seed, world_size=self.args.world_size)
+
+    def _get_eval_sampler(self, eval_dataset):
+        sampler = build_eval_sampler(eval_dataset, self.args.per_device_eval_batch_size, self.args.world_size)
+        return sampler if sampler is not None else super()._get_eval_sampler(eval_dataset)
 
     def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
         """Write a SentenceTransformer folder, staged (``finetune.checkpointing.save_staged``).
 
         ``state_dict``: the full weights gathered by ZeRO-3/FSDP, if any.
         """
-        if not self.args.should_save:
-            return
-        model = self.accelerator.unwrap_model(self.model)
-
-        def write(folder: str) -> None:
-            model.save_pretrained(folder, state_dict=state_dict)
-            with open(os.path.join(folder, "training_args.json"), "w", encoding="utf-8") as handle:
-                handle.write(self.args.to_json_string())
-
-        save_staged(output_dir if output_dir is not None else self.args.output_dir, write)
+        if self.args.should_save:
+            model = self.accelerator.unwrap_model(self.model)
+            save_staged(output_dir if output_dir is not None else self.args.output_dir,
+                        lambda folder: model.save_pretrained(folder, state_dict=state_dict),
+                        extra_files={"training_args.json": self.args.to_json_string()})
 
     def _save_checkpoint(self, model, trial) -> None:
         """Save as the Trainer does, then mark the checkpoint complete once every process has written its part."""

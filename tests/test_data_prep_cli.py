@@ -9,10 +9,10 @@ from pathlib import Path
 import pytest
 
 from conftest import make_records, write_jsonl
-from data_prep import convert, mine, split, validate
+from data_prep import convert, mine, score, split, validate
 
 ROOT = Path(__file__).resolve().parent.parent
-TOOLS = {"convert": convert, "validate": validate, "mine": mine, "split": split}
+TOOLS = {"convert": convert, "validate": validate, "mine": mine, "split": split, "score": score}
 
 
 def readme_section(tool: str) -> str:

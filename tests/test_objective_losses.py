@@ -56,15 +56,17 @@ def test_kl_distillation_matches_a_hand_reference(shard):
     assert loss.item() == pytest.approx(expected / B, abs=1e-5)
 
 
-def test_margin_mse_matches_a_hand_reference():
+@pytest.mark.parametrize("temperature", [1.0, 0.5])
+def test_margin_mse_matches_a_hand_reference(temperature):
     queries, docs, scores = tensors(2)
     scale = 4.0
     loss = margin_mse_loss(own_candidate_scores(queries, docs, num_negatives=K),
-                           own_teacher_scores(scores, batch=B, num_negatives=K), scale=scale)
+                           own_teacher_scores(scores, batch=B, num_negatives=K), scale=scale,
+                           teacher_temperature=temperature)
     squares = []
     for i in range(B):
         student = [scale * cosine(queries[i], doc) for doc in own_docs(docs, 0, i)]
-        teacher = own_scores(scores, 0, i)
+        teacher = [value / temperature for value in own_scores(scores, 0, i)]
         squares += [((student[0] - student[n]) - (teacher[0] - teacher[n])) ** 2 for n in range(1, K + 1)]
     assert loss.item() == pytest.approx(sum(squares) / len(squares), rel=1e-5)
 

@@ -1,0 +1,94 @@
+"""From data arguments to what the trainer is handed: datasets (one, or a blend), the evaluator, the objective.
+
+Two steps, so that every record is validated before the model loads: :func:`read_data` parses and
+validates every file (raw ``datasets`` per dataset spec, retrieval sets); :func:`build_training_data`
+tokenizes with the model's tokenizer. One training dataset gives a plain ``TripletDataset``; several
+give a ``finetune.blend.BlendedTripletDataset`` whose batches each hold one dataset.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from finetune.blend import BlendedTripletDataset, DatasetSpec, blend_weights
+from finetune.data import TripletDataset, check_enough_negatives, check_teacher_scores, load_raw_dataset, tokenize_dataset
+from finetune.evaluation import (MultiRetrievalEvaluator, RetrievalEvaluator, load_retrieval_set,
+                                 retrieval_set_from_records, with_extra_corpus)
+from finetune.objectives import DatasetDispatch, build_objective
+
+
+@dataclass
+class RawData:
+    """Validated records per dataset spec, and the retrieval sets of evaluation (None when there is none)."""
+
+    train: list[tuple[DatasetSpec, object]]
+    validation: list[tuple[DatasetSpec, object]]
+    retrieval_sets: dict[str, object] | None
+
+
+def read_data(data_args, training_args) -> RawData:
+    """Parse and validate every training and validation file; raises DataFormatError naming bad records."""
+    with training_args.main_process_first(desc="data validation"):
+        train = [(spec, load_raw_dataset(list(spec.files))) for spec in data_args.train_specs]
+        validation = [(spec, load_raw_dataset(list(spec.files))) for spec in data_args.validation_specs]
+    if training_args.distillation != "none":
+        for _, raw in train + validation:
+            check_teacher_scores(raw, f"--distillation {training_args.distillation}")
+    retrieval_sets = None
+    if data_args.eval_retrieval_data:
+        retrieval_sets = {"": load_retrieval_set(data_args.eval_retrieval_data, extra_corpus=data_args.eval_corpus_file)}
+    elif validation:  # the validation records just parsed: no second pass over the files
+        retrieval_sets = {spec.name: with_extra_corpus(retrieval_set_from_records(raw), data_args.eval_corpus_file)
+                          for spec, raw in validation}
+    return RawData(train, validation, retrieval_sets)
+
+
+@dataclass
+class TrainingData:
+    train: object  # TripletDataset or BlendedTripletDataset
+    validation: object | None
+    evaluator: object | None
+    objective: object
+
+    @property
+    def dataset_names(self) -> list[str]:
+        return getattr(self.train, "names", ["train"])
+
+
+def build_training_data(raw: RawData, data_args, training_args, tokenizer) -> TrainingData:
+    """Tokenized datasets (per dataset: its prompts and k), the evaluator and the objective (per dataset: its mode)."""
+    def build(spec: DatasetSpec, records) -> TripletDataset:
+        k = data_args.num_hard_negatives if spec.num_hard_negatives is None else spec.num_hard_negatives
+        tokenized = tokenize_dataset(records, tokenizer, query=spec.query_side(data_args.query_side),
+                                     document=spec.document_side(data_args.document_side),
+                                     num_proc=data_args.preprocessing_num_workers)
+        check_enough_negatives(tokenized, k)
+        return TripletDataset(tokenized, k, seed=training_args.data_order_seed)
+
+    def combine(parts: list[tuple[DatasetSpec, object]], weighted: bool):
+        datasets = [build(spec, records) for spec, records in parts]
+        if len(datasets) == 1:
+            return datasets[0]
+        weights = blend_weights([len(d) for d in datasets], [spec.weight for spec, _ in parts],
+                                data_args.dataset_temperature) if weighted else []
+        return BlendedTripletDataset(datasets, [spec.name for spec, _ in parts], data_args.dataset_sampling, weights)
+
+    with training_args.main_process_first(desc="dataset preparation"):
+        train = combine(raw.train, data_args.dataset_sampling == "weighted")
+        validation = combine(raw.validation, False) if raw.validation else None
+    evaluator = None
+    if raw.retrieval_sets is not None:
+        sides = {spec.name: spec for spec, _ in raw.validation}
+        evaluators = {name: RetrievalEvaluator(
+            retrieval_set, query=sides[name].query_side(data_args.query_side) if name in sides else data_args.query_side,
+            document=sides[name].document_side(data_args.document_side) if name in sides else data_args.document_side,
+            batch_size=training_args.per_device_eval_batch_size, truncate_dims=training_args.matryoshka_dims or ())
+            for name, retrieval_set in raw.retrieval_sets.items()}
+        evaluator = next(iter(evaluators.values())) if len(evaluators) == 1 else MultiRetrievalEvaluator(evaluators)
+    objective = build_objective(training_args)
+    if len(raw.train) > 1:  # per-dataset hard-negative modes, and the dataset of each batch in the logs
+        objective = DatasetDispatch(
+            [objective if spec.hard_negatives_mode in (None, training_args.hard_negatives_mode)
+             else build_objective(training_args, hard_negatives_mode=spec.hard_negatives_mode) for spec, _ in raw.train],
+            [spec.name for spec, _ in raw.train])
+    return TrainingData(train, validation, evaluator, objective)
