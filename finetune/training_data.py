@@ -31,8 +31,8 @@ def read_data(data_args, training_args) -> RawData:
     with training_args.main_process_first(desc="data validation"):
         train = [(spec, load_raw_dataset(list(spec.files))) for spec in data_args.train_specs]
         validation = [(spec, load_raw_dataset(list(spec.files))) for spec in data_args.validation_specs]
-    if training_args.distillation != "none":
-        for _, raw in train + validation:
+    if training_args.distillation != "none":  # validation data may lack scores: its loss is then the ranking part
+        for _, raw in train:
             check_teacher_scores(raw, f"--distillation {training_args.distillation}")
     retrieval_sets = None
     if data_args.eval_retrieval_data:

@@ -129,6 +129,17 @@ def test_what_an_epoch_is():
     assert blocks_per_dataset(round_robin, 8) == [3, 3, 2]  # 6 blocks of epoch 0, 2 of epoch 1
 
 
+def test_validation_batches_hold_one_dataset_each():
+    from finetune.blend import BlendedEvalSampler
+
+    blend = BlendedTripletDataset([Sized(5), Sized(2), Sized(9)], ["a", "b", "c"])
+    keys = list(BlendedEvalSampler(blend, block=4))
+    assert len(keys) % 4 == 0
+    for start in range(0, len(keys), 4):
+        assert len({d for _, d, _ in keys[start:start + 4]}) == 1
+    assert {(d, i) for _, d, i in keys} == {(d, i) for d, n in enumerate([5, 2, 9]) for i in range(n)}
+
+
 # ------------------------------------------------------------------------------------------- training
 def blend_args(model, first, second, output_dir, *extra):
     return ["--model_name_or_path", model, "--output_dir", str(output_dir), "--use_cpu", "true", "--report_to", "none",
@@ -145,7 +156,8 @@ def test_blended_run_per_dataset_k_prompts_metrics_and_counts(tiny_bert, two_dat
     output_dir = tmp_path / "out"
     metrics = train.main(blend_args(tiny_bert, first, second, output_dir, "--max_steps", "6",
                                     "--dataset_sampling", "weighted", "--per_device_eval_batch_size", "4",
-                                    "--validation_datasets", f"docs={val_a}", f"faq={val_b}",
+                                    "--validation_datasets", f"docs={val_a}",
+                                    json.dumps({"name": "faq", "files": val_b, "num_hard_negatives": 3}),
                                     "--metric_for_best_model", "faq_ndcg@10", "--load_best_model_at_end", "true",
                                     "--eval_strategy", "steps", "--eval_steps", "3", "--save_steps", "3"))
     for name in ("ndcg@10", "mrr@10"):

@@ -93,7 +93,7 @@ def test_two_processes_equal_one_process_of_double_batch(tiny_bert_without_dropo
 
 def test_resume_is_exact_and_the_card_shows_quality_by_dimension(tiny_bert, tmp_path):
     train_file = write_jsonl(tmp_path / "train.jsonl", scored_records(24, seed=6))
-    validation_file = write_jsonl(tmp_path / "validation.jsonl", scored_records(8, seed=7))
+    validation_file = write_jsonl(tmp_path / "validation.jsonl", make_records(8, seed=7))  # no scores: allowed
     straight, resumed = tmp_path / "straight", tmp_path / "resumed"
     extra = ["--max_steps", "4", "--save_steps", "2", "--per_device_train_batch_size", "4",
              *flags(OBJECTIVES["matryoshka_kl_directions"])]
