@@ -12,6 +12,7 @@ import torch
 from torch import nn
 from transformers import AutoModel, AutoTokenizer, PreTrainedTokenizerBase
 
+from finetune.decoders import is_decoder, prepare_decoder_tokenizer
 from finetune.packing import enable_padding_free, encode_packed
 from finetune.pooling import pool
 from finetune.st_layout import read_sentence_transformer_config, write_sentence_transformer_files
@@ -80,7 +81,8 @@ class EmbeddingModel(nn.Module):
                         **metadata) -> "EmbeddingModel":
         """Load an HF encoder or a SentenceTransformer; ``None`` options come from its ST config.
 
-        Defaults for a plain HF encoder: mean pooling with normalisation.
+        Defaults for a plain HF encoder: mean pooling with normalisation; for a decoder LLM
+        (``finetune.decoders``): last-token pooling, EOS appended, left padding, normalisation.
         """
         st = read_sentence_transformer_config(model_name_or_path)
         try:
@@ -99,7 +101,13 @@ class EmbeddingModel(nn.Module):
             raise ModelLoadError(model_name_or_path, "no tokenizer", ValueError(
                 f"the tokenizer found knows {len(tokenizer)} tokens for a model with {vocab_size} embeddings "
                 "(tokenizer.json / vocab files missing?)"))
-        pooling = pooling or st.pooling or "mean"
+        decoder = is_decoder(encoder.config)
+        if decoder:
+            try:
+                prepare_decoder_tokenizer(tokenizer)  # EOS appended, pad token, left padding (finetune.decoders)
+            except ValueError as error:
+                raise ModelLoadError(model_name_or_path, "a tokenizer unfit for a decoder embedder", error) from None
+        pooling = pooling or st.pooling or ("lasttoken" if decoder else "mean")
         normalize = normalize if normalize is not None else (st.normalize if st.normalize is not None else True)
         return cls(encoder, tokenizer, pooling=pooling, normalize=normalize, padding_free=padding_free, **metadata)
 

@@ -161,3 +161,34 @@ def make_trainer(model_path, tmp_path, *, records=None, num_hard_negatives=2, ob
     trainer.create_optimizer_and_scheduler(num_training_steps=10)
     trainer.current_gradient_accumulation_steps = 1  # set by the training loop, which these tests bypass
     return trainer, model, batch
+
+
+def build_tiny_decoder(directory: str, family: str = "qwen3") -> str:
+    """A 2-layer decoder of ``family`` (qwen3, llama, mistral) with random weights, grouped-query attention
+    (4 query heads, 2 key/value heads) and a byte-level BPE tokenizer trained on the spot (EOS, no pad token)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import (LlamaConfig, LlamaModel, MistralConfig, MistralModel, PreTrainedTokenizerFast,
+                              Qwen3Config, Qwen3Model)
+
+    tokenizer = Tokenizer(models.BPE())
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    tokenizer.train_from_iterator(make_sentences(400) + WORDS,
+                                  trainers.BpeTrainer(vocab_size=400, special_tokens=["<|endoftext|>"]))
+    fast = PreTrainedTokenizerFast(tokenizer_object=tokenizer, eos_token="<|endoftext|>", model_max_length=128)
+    shapes = dict(vocab_size=tokenizer.get_vocab_size(), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                  num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
+                  eos_token_id=fast.eos_token_id)
+    config_class, model_class = {"qwen3": (Qwen3Config, Qwen3Model), "llama": (LlamaConfig, LlamaModel),
+                                 "mistral": (MistralConfig, MistralModel)}[family]
+    config = config_class(**shapes, **({"head_dim": 8} if family == "qwen3" else {}))
+    torch.manual_seed(0)
+    model_class(config).save_pretrained(directory)
+    fast.save_pretrained(directory)
+    return directory
+
+
+@pytest.fixture(scope="session", params=["qwen3", "llama", "mistral"])
+def tiny_decoder(request, tmp_path_factory) -> str:
+    """Path of a tiny decoder folder (HF layout) of each family in turn. Treat as read-only."""
+    return build_tiny_decoder(str(tmp_path_factory.mktemp(f"tiny_{request.param}")), request.param)

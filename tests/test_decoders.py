@@ -1,0 +1,63 @@
+"""Decoder LLMs as embedders: last-token pooling over an appended EOS, left padding, a pad token; the saved
+folder gives sentence-transformers the same vectors; training runs end to end."""
+
+import pytest
+import torch
+
+from finetune.modeling import EmbeddingModel
+
+QUERIES = ["alpha beta gamma", "python function returns list of tokens", "river"]
+DOCUMENTS = ["mountain forest ocean desert valley city castle bridge", "query document passage answer", "omega"]
+
+
+def test_decoder_defaults(tiny_decoder):
+    model = EmbeddingModel.from_pretrained(tiny_decoder)
+    tokenizer = model.tokenizer
+    assert (model.pooling, model.normalize, tokenizer.padding_side) == ("lasttoken", True, "left")
+    assert tokenizer.pad_token == tokenizer.eos_token
+    batch = tokenizer(QUERIES, padding=True, return_tensors="pt")
+    assert (batch["input_ids"][:, -1] == tokenizer.eos_token_id).all()  # every text ends with EOS, padding on the left
+    assert (batch["attention_mask"][:, -1] == 1).all() and (batch["attention_mask"][:, 0] == 0).any()
+    truncated = tokenizer(DOCUMENTS[0], truncation=True, max_length=4)["input_ids"]
+    assert len(truncated) == 4 and truncated[-1] == tokenizer.eos_token_id  # EOS survives truncation
+
+
+def test_embedding_is_the_eos_state_and_padding_does_not_change_it(tiny_decoder):
+    model = EmbeddingModel.from_pretrained(tiny_decoder, normalize=False).eval()
+    together = model.encode(QUERIES, batch_size=3)
+    alone = torch.cat([model.encode([text]) for text in QUERIES])
+    torch.testing.assert_close(together, alone, atol=1e-5, rtol=1e-4)  # left padding leaves each vector as it is
+    ids = model.tokenizer(QUERIES[1], return_tensors="pt")["input_ids"]
+    with torch.no_grad():
+        last_state = model.encoder(input_ids=ids).last_hidden_state[0, -1]
+    torch.testing.assert_close(together[1], last_state, atol=1e-5, rtol=1e-4)
+
+
+def test_saved_decoder_loads_in_sentence_transformers_with_the_same_vectors(tiny_decoder, tmp_path):
+    from sentence_transformers import SentenceTransformer
+
+    model = EmbeddingModel.from_pretrained(tiny_decoder, query_prefix="Instruct: find the text\nQuery: ",
+                                           max_seq_length=64)
+    model.save_pretrained(str(tmp_path))
+    st = SentenceTransformer(str(tmp_path), device="cpu")
+    for texts, prefix, prompt_name in [(QUERIES, "Instruct: find the text\nQuery: ", "query"), (DOCUMENTS, "", "document")]:
+        ours = model.encode(texts, prefix=prefix)
+        theirs = torch.from_numpy(st.encode(texts, prompt_name=prompt_name))
+        assert (ours - theirs).abs().max().item() < 1e-5
+    reloaded = EmbeddingModel.from_pretrained(str(tmp_path))  # our own loader: same defaults, EOS not appended twice
+    assert reloaded.pooling == "lasttoken"
+    assert reloaded.tokenizer("x")["input_ids"].count(reloaded.tokenizer.eos_token_id) == 1
+
+
+def test_decoder_trains_end_to_end(tiny_decoder, train_file, tmp_path):
+    from finetune import train
+
+    output_dir = tmp_path / "out"
+    before = EmbeddingModel.from_pretrained(tiny_decoder).encode(QUERIES)
+    metrics = train.main(["--model_name_or_path", tiny_decoder, "--train_file", train_file, "--output_dir",
+                          str(output_dir), "--max_steps", "2", "--per_device_train_batch_size", "4",
+                          "--learning_rate", "1e-3", "--use_cpu", "true", "--report_to", "none",
+                          "--gradcache_mini_batch_size", "3"])
+    assert metrics["train_loss"] > 0
+    after = EmbeddingModel.from_pretrained(str(output_dir)).encode(QUERIES)
+    assert (after - before).abs().max() > 1e-4
