@@ -13,6 +13,7 @@ from pathlib import Path
 from transformers import TrainingArguments
 
 from finetune.blend import SAMPLING_MODES, DatasetSpec, parse_dataset_specs
+from finetune.lora import LoraSettings
 from finetune.losses import DIRECTIONS, DISTILLATION_KINDS, NEGATIVE_MODES
 from finetune.pooling import POOLING_MODES
 from finetune.text import TextSide
@@ -55,9 +56,37 @@ class ModelArguments:
                           "skipping the padding of every batch: same embeddings and gradients, less compute. "
                           "BERT/RoBERTa/XLM-R encoders; others fall back to padded batches with a log line."})
 
+    lora_r: int | None = field(
+        default=None,
+        metadata={"help": "Train LoRA adapters of this rank instead of every weight (peft); the saved model has them "
+                          "folded in and loads without peft. Unset = full fine-tune."})
+    lora_alpha: float | None = field(default=None, metadata={"help": "LoRA scaling alpha (update = alpha/r x BA). "
+                                                                      "Default: 2 x --lora_r."})
+    lora_dropout: float = field(default=0.05, metadata={"help": "Dropout on the LoRA adapters' input."})
+    lora_target_modules: list[str] | None = field(
+        default=None,
+        metadata={"help": "Module names that get adapters. Default: the attention and MLP projections of the model's "
+                          "family (q_proj ... down_proj for decoders; query, key, value, dense for BERT); 'all-linear' "
+                          "for every linear layer."})
+
     def __post_init__(self):
         if self.pooling is not None and self.pooling not in POOLING_MODES:
             raise ValueError(f"--pooling must be one of {POOLING_MODES}, got {self.pooling!r}.")
+        if self.lora_r is not None and self.lora_r < 1:
+            raise ValueError(f"--lora_r must be >= 1, got {self.lora_r}.")
+        if self.lora_r is None and (self.lora_alpha is not None or self.lora_target_modules):
+            raise ValueError("--lora_alpha / --lora_target_modules need --lora_r.")
+        if not 0 <= self.lora_dropout < 1:
+            raise ValueError(f"--lora_dropout must be in [0, 1), got {self.lora_dropout}.")
+
+    @property
+    def lora(self) -> LoraSettings | None:
+        """The LoRA settings (``finetune.lora``), or None for a full fine-tune."""
+        if self.lora_r is None:
+            return None
+        alpha = self.lora_alpha if self.lora_alpha is not None else 2.0 * self.lora_r
+        targets = tuple(_split_list(self.lora_target_modules)) or None
+        return LoraSettings(self.lora_r, alpha, self.lora_dropout, targets)
 
 
 @dataclass

@@ -13,6 +13,7 @@ from torch import nn
 from transformers import AutoModel, AutoTokenizer, PreTrainedTokenizerBase
 
 from finetune.decoders import is_decoder, prepare_decoder_tokenizer
+from finetune.lora import LoraSettings, add_lora, load_adapter, merged_state_dict, save_adapter
 from finetune.packing import enable_padding_free, encode_packed
 from finetune.pooling import pool
 from finetune.st_layout import read_sentence_transformer_config, write_sentence_transformer_files
@@ -59,15 +60,17 @@ class EmbeddingModel(nn.Module):
     ``query``/``document`` prompts); the data pipeline applies prompts and truncation
     (``finetune.text``) before tokens reach ``forward``. Similarity is cosine, as in training.
     ``padding_free``: run the encoder on real tokens only (``finetune.packing``) when the model
-    supports it; the embeddings are the same as with padded batches.
+    supports it; the embeddings are the same as with padded batches. ``lora``: train LoRA adapters
+    only (``finetune.lora``); saves fold them into plain weights.
     """
 
     def __init__(self, encoder: nn.Module, tokenizer: PreTrainedTokenizerBase, *, pooling: str, normalize: bool,
                  query_prefix: str = "", document_prefix: str = "", max_seq_length: int = 512,
-                 padding_free: bool = False):
+                 padding_free: bool = False, lora: LoraSettings | None = None):
         super().__init__()
-        self.encoder = encoder
         self.position_rule = enable_padding_free(encoder) if padding_free else None
+        self.lora = lora
+        self.encoder = add_lora(encoder, lora) if lora is not None else encoder
         self.tokenizer = tokenizer
         self.pooling = pooling
         self.normalize = normalize
@@ -77,7 +80,7 @@ class EmbeddingModel(nn.Module):
 
     @classmethod
     def from_pretrained(cls, model_name_or_path: str, *, pooling: str | None = None, normalize: bool | None = None,
-                        trust_remote_code: bool = False, padding_free: bool = False,
+                        trust_remote_code: bool = False, padding_free: bool = False, lora: LoraSettings | None = None,
                         **metadata) -> "EmbeddingModel":
         """Load an HF encoder or a SentenceTransformer; ``None`` options come from its ST config.
 
@@ -109,7 +112,8 @@ class EmbeddingModel(nn.Module):
                 raise ModelLoadError(model_name_or_path, "a tokenizer unfit for a decoder embedder", error) from None
         pooling = pooling or st.pooling or ("lasttoken" if decoder else "mean")
         normalize = normalize if normalize is not None else (st.normalize if st.normalize is not None else True)
-        return cls(encoder, tokenizer, pooling=pooling, normalize=normalize, padding_free=padding_free, **metadata)
+        return cls(encoder, tokenizer, pooling=pooling, normalize=normalize, padding_free=padding_free, lora=lora,
+                   **metadata)
 
     @property
     def config(self):
@@ -133,9 +137,16 @@ class EmbeddingModel(nn.Module):
             token_emb = self.encoder(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
         return pool(token_emb, attention_mask, self.pooling, self.normalize)
 
-    def gradient_checkpointing_enable(self, gradient_checkpointing_kwargs: dict | None = None) -> None:
-        """Called by the Trainer when ``--gradient_checkpointing`` is set."""
-        self.encoder.gradient_checkpointing_enable(gradient_checkpointing_kwargs=gradient_checkpointing_kwargs)
+    def activation_checkpointing_enable(self, activation_checkpointing_kwargs: dict | None = None, **options) -> None:
+        """Called by the Trainer for ``--gradient_checkpointing`` (transformers 5: ``every_n_layers``, ``offload``)."""
+        if self.lora is not None:  # frozen embeddings: the checkpointed blocks still need an input with grad
+            self.encoder.enable_input_require_grads()
+        self.encoder.activation_checkpointing_enable(activation_checkpointing_kwargs=activation_checkpointing_kwargs,
+                                                     **options)
+
+    def gradient_checkpointing_enable(self, gradient_checkpointing_kwargs: dict | None = None, **options) -> None:
+        """The older name (transformers < 5 and callers that still use it)."""
+        self.activation_checkpointing_enable(gradient_checkpointing_kwargs, **options)
 
     def encoder_state_dict(self, state_dict: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
         """The encoder's weights with HF key names, from this model or from a full (gathered) state dict."""
@@ -151,7 +162,13 @@ class EmbeddingModel(nn.Module):
         import sentence_transformers
         import transformers
 
-        self.encoder.save_pretrained(output_dir, state_dict=self.encoder_state_dict(state_dict))
+        if self.lora is None:
+            self.encoder.save_pretrained(output_dir, state_dict=self.encoder_state_dict(state_dict))
+        else:  # plain weights with the adapters folded in, and the adapter itself for resuming
+            if state_dict is not None:
+                raise ValueError("LoRA with sharded weights (ZeRO-3/FSDP) is not supported yet.")
+            self.encoder.get_base_model().save_pretrained(output_dir, state_dict=merged_state_dict(self.encoder))
+            save_adapter(self.encoder, output_dir)
         self.tokenizer.save_pretrained(output_dir)
         write_sentence_transformer_files(
             output_dir,
@@ -166,7 +183,12 @@ class EmbeddingModel(nn.Module):
         )
 
     def load_encoder_weights(self, folder: str) -> None:
-        """Load encoder weights saved by ``save_pretrained`` (single or sharded safetensors), strictly."""
+        """Load encoder weights saved by ``save_pretrained`` (single or sharded safetensors), strictly.
+
+        With LoRA only the adapter is loaded: the base weights are the unchanged ones of the base model.
+        """
+        if self.lora is not None:
+            return load_adapter(self.encoder, folder)
         from transformers.trainer_utils import load_sharded_checkpoint
         import safetensors.torch
 

@@ -129,9 +129,10 @@ def run(model_args: ModelArguments, data_args: DataArguments, training_args: Emb
     for name, retrieval_set in (raw.retrieval_sets or {}).items():
         logger.info("Retrieval evaluation%s: %d queries over %d documents.", f" ({name})" if name else "",
                     len(retrieval_set.queries), len(retrieval_set.corpus))
+    transformers.set_seed(training_args.seed)  # new weights (LoRA adapters) start alike in every process and run
     model = EmbeddingModel.from_pretrained(
         model_args.model_name_or_path, pooling=model_args.pooling, normalize=model_args.normalize,
-        trust_remote_code=model_args.trust_remote_code, padding_free=model_args.padding_free,
+        trust_remote_code=model_args.trust_remote_code, padding_free=model_args.padding_free, lora=model_args.lora,
         query_prefix=data_args.query_prefix, document_prefix=data_args.passage_prefix,
         max_seq_length=max(data_args.query_max_length, data_args.passage_max_length))
     too_large = [dim for dim in training_args.matryoshka_dims or [] if dim > model.embedding_dimension]

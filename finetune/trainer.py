@@ -31,9 +31,10 @@ class EmbeddingTrainer(Trainer):
 
     def __init__(self, *args, objective: Objective | None = None, evaluator=None, **kwargs):
         super().__init__(*args, **kwargs)
-        if self.args.gradcache_mini_batch_size and (self.is_deepspeed_enabled or self.is_fsdp_enabled):
-            raise ValueError("--gradcache_mini_batch_size is not supported with DeepSpeed or FSDP yet "
-                             "(it back-propagates several times per step); use DDP, or grow the batch without it.")
+        unsupported = self.args.gradcache_mini_batch_size or getattr(self.model, "lora", None)
+        if unsupported and (self.is_deepspeed_enabled or self.is_fsdp_enabled):
+            raise ValueError("--gradcache_mini_batch_size and --lora_r are not supported with DeepSpeed or FSDP yet; "
+                             "use DDP (accelerate_configs/multi_gpu.yaml).")
         self.objective = objective if objective is not None else build_objective(self.args)
         self.evaluator = evaluator
         self.guard = NonFiniteGuard(self.args)
@@ -66,11 +67,10 @@ class EmbeddingTrainer(Trainer):
         return output.loss
 
     def _prepare_inputs(self, inputs):
-        scores = inputs.get("doc_scores")
-        inputs = super()._prepare_inputs(inputs)
-        if scores is not None:  # DeepSpeed casts float inputs to bf16/fp16; teacher scores stay fp32
-            inputs["doc_scores"] = scores.to(self.args.device)
-        return inputs
+        prepared = super()._prepare_inputs(inputs)  # a new mapping: ``inputs`` keeps the fp32 teacher scores
+        if "doc_scores" in inputs:  # DeepSpeed casts float inputs to bf16/fp16; teacher scores stay fp32
+            prepared["doc_scores"] = inputs["doc_scores"].to(self.args.device)
+        return prepared
 
     def training_step(self, model, inputs, num_items_in_batch=None):
         if not self.args.gradcache_mini_batch_size:

@@ -1,7 +1,6 @@
 """Decoder LLMs as embedders: last-token pooling over an appended EOS, left padding, a pad token; the saved
 folder gives sentence-transformers the same vectors; training runs end to end."""
 
-import pytest
 import torch
 
 from finetune.modeling import EmbeddingModel
