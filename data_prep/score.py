@@ -12,7 +12,8 @@ document) pair; the score is its raw logit (no sigmoid), the scale rerankers are
 Records are scored in blocks of ``--block_size``; every finished block is written atomically into
 ``OUTPUT.parts/``. A rerun after a kill skips the finished blocks (when the settings are the same),
 and the output file is assembled atomically at the end, in input order, and the parts removed. Under
-``accelerate launch`` the processes take blocks in turn; the output equals one process's.
+``accelerate launch`` the processes take blocks in turn; the output equals one process's (several machines
+need a file system they all see at OUTPUT.parts/).
 Train with the result: ``--distillation kl`` or ``--distillation margin_mse``.
 """
 
@@ -76,6 +77,9 @@ class CrossEncoderTeacher:
         pairs = list(zip(self.query.prompted(questions), self.document.prompted(documents)))
         scores = self.model.predict(pairs, batch_size=self.batch_size, activation_fn=torch.nn.Identity(),
                                     show_progress_bar=False, convert_to_tensor=True)
+        if scores.numel() != len(pairs):
+            raise ValueError(f"The cross-encoder gives {scores.numel() // max(len(pairs), 1)} scores per pair; a teacher "
+                             "needs one (a reranker with a single output).")
         return scores.float().reshape(len(pairs)).tolist()
 
 
@@ -92,10 +96,10 @@ class BiEncoderTeacher:
         self.batch_size = args.batch_size
 
     def __call__(self, questions: list[str], documents: list[str]) -> list[float]:
-        unique_questions = list(dict.fromkeys(questions))
-        query_emb = self.model.encode(unique_questions, self.query, batch_size=self.batch_size)
+        row_of = {question: row for row, question in enumerate(dict.fromkeys(questions))}
+        query_emb = self.model.encode(list(row_of), self.query, batch_size=self.batch_size)
         doc_emb = self.model.encode(documents, self.document, batch_size=self.batch_size)
-        rows = torch.tensor([unique_questions.index(q) for q in questions]) if questions else torch.zeros(0, dtype=torch.long)
+        rows = torch.tensor([row_of[q] for q in questions], dtype=torch.long)
         cosine = torch.nn.functional.cosine_similarity(query_emb[rows], doc_emb, dim=-1)
         return cosine.tolist()
 

@@ -15,8 +15,8 @@ What an epoch is, by ``--dataset_sampling``:
 - ``round_robin``: one block of each dataset in turn, until the smallest dataset has been seen once
   (sentence-transformers' round robin);
 - ``weighted``: as many blocks as ``proportional``, each drawn from dataset i with probability weight_i
-  (NeMo's blend; ``--dataset_temperature T`` sets weight_i = n_i^(1/T) from the sizes instead); a dataset
-  runs through its records in a new order each time it is used up.
+  (NeMo's blend; ``--dataset_temperature T`` sets weight_i = n_i^(1/T) from the sizes instead); within an
+  epoch a dataset runs through its records in a new order each time it is used up (every epoch starts anew).
 A dataset's records come in a seeded order per pass; a block that a pass leaves short is completed from
 the next pass (a new order), so blocks are always full.
 """
@@ -150,6 +150,7 @@ class BlendedTripletDataset(Dataset):
     names: list[str]
     sampling: str = "proportional"
     weights: list[float] = field(default_factory=list)  # draw probabilities for 'weighted'
+    ids: list[int] | None = None  # each part's dataset id, shared by training and validation (default: position)
 
     def __len__(self) -> int:
         return sum(len(part) for part in self.parts)
@@ -158,11 +159,14 @@ class BlendedTripletDataset(Dataset):
         if isinstance(key, int):  # flat index (evaluation helpers): dataset after dataset
             for dataset_index, part in enumerate(self.parts):
                 if key < len(part):
-                    return {**part[(0, key)], "dataset_index": dataset_index}
+                    return {**part[(0, key)], "dataset_index": self._id(dataset_index)}
                 key -= len(part)
             raise IndexError(key)
         epoch, dataset_index, index = key
-        return {**self.parts[dataset_index][(epoch, index)], "dataset_index": dataset_index}
+        return {**self.parts[dataset_index][(epoch, index)], "dataset_index": self._id(dataset_index)}
+
+    def _id(self, position: int) -> int:
+        return position if self.ids is None else self.ids[position]
 
 
 class BlendedEpochSampler(Sampler):
@@ -185,12 +189,13 @@ class BlendedEpochSampler(Sampler):
     def set_epoch(self, epoch: int) -> None:
         self.epoch = int(epoch)
 
-    def blocks_per_dataset(self) -> list[int]:
+    def blocks_per_pass(self) -> list[int]:
+        """Blocks that one pass over each dataset takes."""
         return [math.ceil(size / self.block) for size in self.sizes]
 
     def schedule(self, epoch: int) -> list[int]:
         """The dataset index of each block of ``epoch`` (a pure function of seed and epoch)."""
-        counts = self.blocks_per_dataset()
+        counts = self.blocks_per_pass()
         rng = np.random.default_rng((self.seed, epoch, 7))
         if self.sampling == "round_robin":
             return [d for _ in range(min(counts)) for d in range(len(counts))]
@@ -238,7 +243,9 @@ class BlendedEvalSampler(Sampler):
 
 
 def blocks_per_dataset(sampler: BlendedEpochSampler, num_blocks: int) -> list[int]:
-    """How many of the first ``num_blocks`` blocks of the schedule (epoch 0, 1, ...) each dataset gave."""
+    """How many of the first ``num_blocks`` blocks of the schedule (epoch 0, 1, ...) each dataset gave.
+
+    ``num_blocks`` may run past the end of training: counting stops at the blocks it names."""
     counts = [0] * len(sampler.sizes)
     epoch = 0
     while num_blocks > 0:

@@ -4,7 +4,8 @@ An embedding from a causal decoder is the hidden state of the last token, which 
 So every text ends with EOS, batches are padded on the left (the last position is a real token), and a
 decoder without a pad token pads with EOS. The EOS is appended by the tokenizer's own post-processor, so
 the saved tokenizer does it too and ``SentenceTransformer(path)`` reproduces our embeddings; a tokenizer
-that already appends EOS (Qwen3-Embedding's) is left as it is.
+that already ends every text with a special token (Qwen3-Embedding's appends ``<|endoftext|>``) is left as
+it is.
 """
 
 from __future__ import annotations
@@ -25,8 +26,12 @@ def is_decoder(config) -> bool:
 
 
 def appends_eos(tokenizer: PreTrainedTokenizerBase) -> bool:
+    """Whether the tokenizer already ends every text with a special token of its own (EOS, or e.g. Qwen3-Embedding's
+    ``<|endoftext|>``, which is not its ``eos_token``): then that token is the one the model was trained to pool."""
     ids = tokenizer("an example")["input_ids"]
-    return bool(ids) and ids[-1] == tokenizer.eos_token_id
+    plain = tokenizer("an example", add_special_tokens=False)["input_ids"]
+    special = set(tokenizer.all_special_ids) | {i for i, token in tokenizer.added_tokens_decoder.items() if token.special}
+    return bool(ids) and (ids[-1] == tokenizer.eos_token_id or (len(ids) > len(plain) and ids[-1] in special))
 
 
 def prepare_decoder_tokenizer(tokenizer: PreTrainedTokenizerBase) -> None:

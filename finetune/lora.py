@@ -44,7 +44,10 @@ def add_lora(encoder: nn.Module, settings: LoraSettings) -> nn.Module:
         targets = list(targets)
     if targets == ["all-linear"]:
         targets = "all-linear"
-    config = LoraConfig(r=settings.r, lora_alpha=settings.alpha, lora_dropout=settings.dropout, target_modules=targets)
+    # BERT's pooler head is not part of the embedding: an adapter there would get no gradient (and break DDP).
+    exclude = ["pooler.dense"] if getattr(encoder, "pooler", None) is not None else None
+    config = LoraConfig(r=settings.r, lora_alpha=settings.alpha, lora_dropout=settings.dropout, target_modules=targets,
+                        exclude_modules=exclude)
     return get_peft_model(encoder, config)
 
 
@@ -53,8 +56,8 @@ def merged_state_dict(peft_encoder: nn.Module) -> dict[str, torch.Tensor]:
     from peft.tuners.lora import LoraLayer
 
     base = peft_encoder.get_base_model()
-    state = {name.replace(".base_layer.", "."): tensor.detach().clone() for name, tensor in base.state_dict().items()
-             if ".lora_" not in name}
+    state = {name.replace(".base_layer.", "."): tensor.detach() for name, tensor in base.state_dict().items()
+             if ".lora_" not in name}  # references: only the adapted weights get new tensors below
     for name, module in base.named_modules():
         if isinstance(module, LoraLayer):
             for adapter in module.active_adapters:

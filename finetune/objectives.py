@@ -96,6 +96,8 @@ def gather_batch(query_emb: torch.Tensor, doc_emb: torch.Tensor, doc_keys: torch
         if gather_queries:
             all_query_emb = gather_rows(query_emb, backprop)  # (S*B, D)
             query_keys = None if query_keys is None else gather_rows(query_keys, "local")
+        else:  # local keys cannot index the global batch
+            query_keys = None
     return EmbeddedBatch(query_emb, doc_emb, doc_keys, doc_scores, shard_index=rank, num_shards=size,
                          all_query_emb=all_query_emb, query_keys=query_keys, dataset_index=dataset_index)
 
@@ -218,24 +220,30 @@ class MatryoshkaObjective:
 
 @dataclass
 class DatasetDispatch:
-    """Blended training: the objective of the batch's dataset, and a ``dataset_<name>`` component per dataset
-    (1 for the batch's, 0 for the others: the logs show the share of batches each dataset had)."""
+    """Blended training: the objective of the batch's dataset, and a ``dataset_<name>`` component per training
+    dataset (1 for the batch's, 0 for the others: the logs show the share of batches each dataset had).
 
-    objectives: list[Objective]
+    ``objectives[i]`` serves the dataset named ``names[i]`` (ids shared by training and validation datasets,
+    ``BlendedTripletDataset.ids``); a batch of another dataset, or of none, gets ``default``.
+    """
+
+    objectives: dict[int, Objective]
     names: list[str]
+    default: Objective
+    logged: list[int] = field(default_factory=list)  # the training datasets' ids, whose shares are logged
 
     @property
     def needs_all_queries(self) -> bool:
-        return any(getattr(objective, "needs_all_queries", False) for objective in self.objectives)
+        return any(getattr(objective, "needs_all_queries", False) for objective in self.objectives.values())
 
     @property
     def needs_scores(self) -> bool:
-        return any(getattr(objective, "needs_scores", False) for objective in self.objectives)
+        return any(getattr(objective, "needs_scores", False) for objective in self.objectives.values())
 
     def __call__(self, batch: EmbeddedBatch) -> ObjectiveOutput:
-        index = batch.dataset_index or 0
-        output = self.objectives[index](batch)
-        shares = {f"dataset_{name}": output.loss.new_tensor(float(i == index)) for i, name in enumerate(self.names)}
+        output = self.objectives.get(batch.dataset_index, self.default)(batch)
+        shares = {f"dataset_{self.names[i]}": output.loss.new_tensor(float(i == batch.dataset_index))
+                  for i in self.logged}
         return ObjectiveOutput(output.loss, {**output.components, **shares})
 
 

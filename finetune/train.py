@@ -12,6 +12,7 @@ The output directory is a SentenceTransformer folder: ``SentenceTransformer(outp
 from __future__ import annotations
 
 import logging
+import math
 import os
 import sys
 
@@ -188,7 +189,10 @@ def datasets_seen(trainer, train_dataset) -> list[dict] | None:
     if not isinstance(train_dataset, BlendedTripletDataset):
         return None
     sampler = trainer._get_train_sampler(train_dataset)
-    blocks = trainer.state.global_step * trainer.args.gradient_accumulation_steps  # one block per micro-step
+    # One block per micro-step; the last update of an epoch takes only the blocks the epoch has left.
+    per_epoch, accumulation = len(sampler.schedule(0)), trainer.args.gradient_accumulation_steps
+    epochs, updates = divmod(trainer.state.global_step, math.ceil(per_epoch / accumulation))
+    blocks = epochs * per_epoch + min(updates * accumulation, per_epoch)
     counts = blocks_per_dataset(sampler, blocks)
     return [{"name": name, "batches": count, "records": count * sampler.block} for name, count in
             zip(train_dataset.names, counts)]

@@ -11,6 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from finetune.blend import BlendedTripletDataset, DatasetSpec, blend_weights
+from finetune.config import ConfigError
 from finetune.data import TripletDataset, check_enough_negatives, check_teacher_scores, load_raw_dataset, tokenize_dataset
 from finetune.evaluation import (MultiRetrievalEvaluator, RetrievalEvaluator, load_retrieval_set,
                                  retrieval_set_from_records, with_extra_corpus)
@@ -32,8 +33,11 @@ def read_data(data_args, training_args) -> RawData:
         train = [(spec, load_raw_dataset(list(spec.files))) for spec in data_args.train_specs]
         validation = [(spec, load_raw_dataset(list(spec.files))) for spec in data_args.validation_specs]
     if training_args.distillation != "none":  # validation data may lack scores: its loss is then the ranking part
-        for _, raw in train:
+        for spec, raw in train:
             check_teacher_scores(raw, f"--distillation {training_args.distillation}")
+            if (data_args.num_hard_negatives if spec.num_hard_negatives is None else spec.num_hard_negatives) < 1:
+                raise ConfigError(f"--distillation compares each query's positive with its hard negatives: dataset "
+                                  f"{spec.name!r} needs --num_hard_negatives >= 1.")
     retrieval_sets = None
     if data_args.eval_retrieval_data:
         retrieval_sets = {"": load_retrieval_set(data_args.eval_retrieval_data, extra_corpus=data_args.eval_corpus_file)}
@@ -50,10 +54,6 @@ class TrainingData:
     evaluator: object | None
     objective: object
 
-    @property
-    def dataset_names(self) -> list[str]:
-        return getattr(self.train, "names", ["train"])
-
 
 def build_training_data(raw: RawData, data_args, training_args, tokenizer) -> TrainingData:
     """Tokenized datasets (per dataset: its prompts and k), the evaluator and the objective (per dataset: its mode)."""
@@ -65,13 +65,16 @@ def build_training_data(raw: RawData, data_args, training_args, tokenizer) -> Tr
         check_enough_negatives(tokenized, k)
         return TripletDataset(tokenized, k, seed=training_args.data_order_seed)
 
+    names = list(dict.fromkeys(spec.name for spec, _ in raw.train + raw.validation))  # one id per dataset name
+
     def combine(parts: list[tuple[DatasetSpec, object]], weighted: bool):
         datasets = [build(spec, records) for spec, records in parts]
         if len(datasets) == 1:
             return datasets[0]
         weights = blend_weights([len(d) for d in datasets], [spec.weight for spec, _ in parts],
                                 data_args.dataset_temperature) if weighted else []
-        return BlendedTripletDataset(datasets, [spec.name for spec, _ in parts], data_args.dataset_sampling, weights)
+        return BlendedTripletDataset(datasets, [spec.name for spec, _ in parts], data_args.dataset_sampling, weights,
+                                     ids=[names.index(spec.name) for spec, _ in parts])
 
     with training_args.main_process_first(desc="dataset preparation"):
         train = combine(raw.train, data_args.dataset_sampling == "weighted")
@@ -86,9 +89,11 @@ def build_training_data(raw: RawData, data_args, training_args, tokenizer) -> Tr
             for name, retrieval_set in raw.retrieval_sets.items()}
         evaluator = next(iter(evaluators.values())) if len(evaluators) == 1 else MultiRetrievalEvaluator(evaluators)
     objective = build_objective(training_args)
-    if len(raw.train) > 1:  # per-dataset hard-negative modes, and the dataset of each batch in the logs
+    if len(raw.train) > 1 or len(raw.validation) > 1:  # per-dataset hard-negative modes; each batch's dataset logged
+        modes = {names.index(spec.name): spec.hard_negatives_mode for spec, _ in raw.train + raw.validation}
         objective = DatasetDispatch(
-            [objective if spec.hard_negatives_mode in (None, training_args.hard_negatives_mode)
-             else build_objective(training_args, hard_negatives_mode=spec.hard_negatives_mode) for spec, _ in raw.train],
-            [spec.name for spec, _ in raw.train])
+            {i: objective if mode in (None, training_args.hard_negatives_mode)
+             else build_objective(training_args, hard_negatives_mode=mode) for i, mode in modes.items()},
+            names, default=objective,
+            logged=[names.index(spec.name) for spec, _ in raw.train] if len(raw.train) > 1 else [])
     return TrainingData(train, validation, evaluator, objective)

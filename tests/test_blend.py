@@ -156,12 +156,14 @@ def test_blended_run_per_dataset_k_prompts_metrics_and_counts(tiny_bert, two_dat
     output_dir = tmp_path / "out"
     metrics = train.main(blend_args(tiny_bert, first, second, output_dir, "--max_steps", "6",
                                     "--dataset_sampling", "weighted", "--per_device_eval_batch_size", "4",
-                                    "--validation_datasets", f"docs={val_a}",
+                                    "--validation_datasets",  # another order, and one dataset not trained on
                                     json.dumps({"name": "faq", "files": val_b, "num_hard_negatives": 3}),
+                                    f"docs={val_a}", f"extra={val_b}",
                                     "--metric_for_best_model", "faq_ndcg@10", "--load_best_model_at_end", "true",
                                     "--eval_strategy", "steps", "--eval_steps", "3", "--save_steps", "3"))
     for name in ("ndcg@10", "mrr@10"):
-        assert metrics[f"eval_{name}"] == pytest.approx((metrics[f"eval_docs_{name}"] + metrics[f"eval_faq_{name}"]) / 2)
+        parts = [metrics[f"eval_{dataset}_{name}"] for dataset in ("docs", "faq", "extra")]
+        assert metrics[f"eval_{name}"] == pytest.approx(sum(parts) / 3)
     state = json.loads((output_dir / "trainer_state.json").read_text())
     steps = [entry for entry in state["log_history"] if "loss" in entry]
     assert all(entry["dataset_docs"] + entry["dataset_faq"] == pytest.approx(1.0) for entry in steps)
@@ -208,3 +210,34 @@ def test_sigkill_then_rerun_ends_at_the_same_weights(tiny_bert, two_datasets, tm
     train.main(blend_args(tiny_bert, first, second, straight, *extra))
     a, b = load_file(str(killed / "model.safetensors")), load_file(str(straight / "model.safetensors"))
     assert max((a[key] - b[key]).abs().max().item() for key in a) < 1e-6
+
+
+def test_dispatch_by_dataset_id_with_a_default():
+    import torch
+
+    from finetune.objectives import DatasetDispatch, EmbeddedBatch, ObjectiveOutput
+
+    def constant(value):
+        return lambda batch: ObjectiveOutput(torch.tensor(value))
+
+    dispatch = DatasetDispatch({0: constant(1.0), 2: constant(3.0)}, ["docs", "faq", "extra"], default=constant(9.0),
+                               logged=[0, 2])
+    batch = EmbeddedBatch(torch.zeros(1, 2), torch.zeros(1, 2))
+    for index, loss in [(0, 1.0), (2, 3.0), (1, 9.0), (None, 9.0)]:
+        batch.dataset_index = index
+        output = dispatch(batch)
+        assert output.loss.item() == loss
+        assert set(output.components) == {"dataset_docs", "dataset_extra"}
+
+
+def test_blocks_seen_with_accumulation_across_epochs():
+    from types import SimpleNamespace
+
+    blend = sampler([8, 4], block=4)  # 3 blocks per epoch
+    trainer = SimpleNamespace(_get_train_sampler=lambda dataset: blend, state=SimpleNamespace(global_step=3),
+                              args=SimpleNamespace(gradient_accumulation_steps=2))
+    dataset = BlendedTripletDataset([Sized(8), Sized(4)], ["a", "b"])
+    # 2 updates per epoch (2 blocks, then the 1 left): 3 updates = 3 blocks of epoch 0 + 2 of epoch 1.
+    seen = train.datasets_seen(trainer, dataset)
+    expected = Counter(blend.schedule(0)) + Counter(blend.schedule(1)[:2])
+    assert [entry["batches"] for entry in seen] == [expected[0], expected[1]] and sum(expected.values()) == 5

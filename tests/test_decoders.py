@@ -60,3 +60,22 @@ def test_decoder_trains_end_to_end(tiny_decoder, train_file, tmp_path):
     assert metrics["train_loss"] > 0
     after = EmbeddingModel.from_pretrained(str(output_dir)).encode(QUERIES)
     assert (after - before).abs().max() > 1e-4
+
+
+def test_a_tokenizer_that_ends_texts_with_its_own_special_token_is_left_alone(tmp_path):
+    """Qwen3-Embedding's tokenizer appends <|endoftext|> while its eos_token is <|im_end|>: no second end token."""
+    from tokenizers import processors
+    from transformers import AutoTokenizer
+
+    from conftest import build_tiny_decoder
+    from finetune.decoders import prepare_decoder_tokenizer
+
+    folder = build_tiny_decoder(str(tmp_path / "qwen"), "qwen3")
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    tokenizer.add_special_tokens({"eos_token": "<|im_end|>"})
+    end = tokenizer.convert_tokens_to_ids("<|endoftext|>")
+    tokenizer.backend_tokenizer.post_processor = processors.TemplateProcessing(
+        single="$A <|endoftext|>", special_tokens=[("<|endoftext|>", end)])
+    prepare_decoder_tokenizer(tokenizer)
+    ids = tokenizer("alpha beta")["input_ids"]
+    assert ids[-1] == end and tokenizer.eos_token_id not in ids

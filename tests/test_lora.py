@@ -80,3 +80,10 @@ def test_lora_options_are_checked():
         parse_arguments(["--use_cpu", "true", "--lora_alpha", "16"])
     model_args, _, _ = parse_arguments(["--use_cpu", "true", "--lora_r", "8", "--lora_target_modules", "q_proj,v_proj"])
     assert model_args.lora == LoraSettings(8, 16.0, 0.05, ("q_proj", "v_proj"))
+
+
+def test_all_linear_leaves_the_unused_pooler_alone(tiny_bert):
+    model = EmbeddingModel.from_pretrained(tiny_bert, lora=LoraSettings(4, 8.0, 0.0, ("all-linear",)))
+    adapted = {name for name, p in model.named_parameters() if p.requires_grad}
+    assert adapted and not any("pooler" in name for name in adapted)
+    assert any("intermediate" in name for name in adapted)

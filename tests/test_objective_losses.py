@@ -204,3 +204,14 @@ def test_bad_objective_options(flags, message):
 
     with pytest.raises(ConfigError, match=message):
         parse_arguments(["--use_cpu", "true", *flags])
+
+
+def test_doc_to_doc_alone_needs_no_gathered_queries():
+    """doc_to_doc with local queries only (queries not gathered, no query keys) on the second of two shards."""
+    all_queries, docs, _ = tensors(8, shards=2)
+    doc_keys = torch.arange(100, 100 + docs.shape[0])
+    directions = ("query_to_doc", "doc_to_doc")
+    loss = ranking_loss(all_queries[B:], docs, doc_keys, num_negatives=K, scale=3.0, shard_index=1, num_shards=2,
+                        directions=directions)
+    expected = joint_softmax_reference(all_queries, docs, 1, 2, directions, 3.0, torch.arange(2 * B), doc_keys, "shared")
+    assert loss.item() == pytest.approx(expected, abs=1e-5)
