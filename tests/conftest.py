@@ -192,3 +192,16 @@ def build_tiny_decoder(directory: str, family: str = "qwen3") -> str:
 def tiny_decoder(request, tmp_path_factory) -> str:
     """Path of a tiny decoder folder (HF layout) of each family in turn. Treat as read-only."""
     return build_tiny_decoder(str(tmp_path_factory.mktemp(f"tiny_{request.param}")), request.param)
+
+
+def kill_when(command: list[str], marker, env: dict, timeout: float = 240) -> int:
+    """Start ``command``, SIGKILL it as soon as the file ``marker`` exists; returns its exit code (-9 when killed)."""
+    import time
+
+    process = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + timeout
+    while not marker.exists() and process.poll() is None and time.time() < deadline:
+        time.sleep(0.02)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    return process.returncode

@@ -6,14 +6,13 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from collections import Counter
 from pathlib import Path
 
 import pytest
 from safetensors.torch import load_file
 
-from conftest import launch_two_processes, make_records, write_jsonl
+from conftest import kill_when, launch_two_processes, make_records, write_jsonl
 from finetune import train
 from finetune.blend import BlendedEpochSampler, BlendedTripletDataset, blend_weights, blocks_per_dataset
 from finetune.config import ConfigError, parse_arguments
@@ -197,14 +196,8 @@ def test_sigkill_then_rerun_ends_at_the_same_weights(tiny_bert, two_datasets, tm
     extra = ("--max_steps", "60", "--save_steps", "10", "--logging_steps", "10", "--dataset_sampling", "weighted")
     command = [sys.executable, str(ROOT / "finetune" / "train.py"), *blend_args(tiny_bert, first, second, killed, *extra)]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    process = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    marker = killed / "checkpoint-20" / "checkpoint_complete.json"
-    deadline = time.time() + 240
-    while not marker.exists() and process.poll() is None and time.time() < deadline:
-        time.sleep(0.02)
-    process.send_signal(signal.SIGKILL)
-    process.wait()
-    assert process.returncode == -signal.SIGKILL, "the run ended before it could be killed"
+    returncode = kill_when(command, killed / "checkpoint-20" / "checkpoint_complete.json", env)
+    assert returncode == -signal.SIGKILL, "the run ended before it could be killed"
     resumed = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
     assert resumed.returncode == 0 and "Resuming from" in resumed.stdout + resumed.stderr, resumed.stderr[-3000:]
     train.main(blend_args(tiny_bert, first, second, straight, *extra))

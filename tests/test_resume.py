@@ -5,11 +5,11 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 from safetensors.torch import load_file
 
+from conftest import kill_when
 from finetune import train
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -32,14 +32,8 @@ def test_sigkill_mid_run_then_same_command_resumes_to_the_same_weights(tiny_bert
     killed_dir, straight_dir = tmp_path / "killed", tmp_path / "straight"
     command = [sys.executable, str(ROOT / "finetune" / "train.py"), *args(tiny_bert, train_file, killed_dir)]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    process = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    marker = killed_dir / "checkpoint-30" / "checkpoint_complete.json"
-    deadline = time.time() + 240
-    while not marker.exists() and process.poll() is None and time.time() < deadline:
-        time.sleep(0.02)
-    process.send_signal(signal.SIGKILL)
-    process.wait()
-    assert process.returncode == -signal.SIGKILL, "the run ended before it could be killed"
+    returncode = kill_when(command, killed_dir / "checkpoint-30" / "checkpoint_complete.json", env)
+    assert returncode == -signal.SIGKILL, "the run ended before it could be killed"
     assert not (killed_dir / "modules.json").exists()  # no final model yet
 
     resumed = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
