@@ -255,3 +255,11 @@ def blocks_per_dataset(sampler: BlendedEpochSampler, num_blocks: int) -> list[in
         num_blocks -= len(schedule)
         epoch += 1
     return counts
+
+
+def blocks_consumed(sampler: BlendedEpochSampler, optimizer_steps: int, accumulation: int) -> int:
+    """Blocks the Trainer used for ``optimizer_steps`` updates: one block per micro-step, and the last update of
+    an epoch takes only the blocks the epoch has left (transformers' remainder handling)."""
+    per_epoch = len(sampler.schedule(0))  # the same length every epoch
+    epochs, updates = divmod(optimizer_steps, math.ceil(per_epoch / accumulation))
+    return epochs * per_epoch + min(updates * accumulation, per_epoch)

@@ -12,7 +12,6 @@ The output directory is a SentenceTransformer folder: ``SentenceTransformer(outp
 from __future__ import annotations
 
 import logging
-import math
 import os
 import sys
 
@@ -21,7 +20,7 @@ import transformers
 from finetune.arguments import DataArguments, EmbeddingTrainingArguments, ModelArguments
 from finetune.checkpointing import last_complete_checkpoint
 from finetune.config import ConfigError, launch_defaults, parse_arguments
-from finetune.blend import BlendedTripletDataset, blocks_per_dataset
+from finetune.blend import BlendedTripletDataset, blocks_consumed, blocks_per_dataset
 from finetune.data import TripletCollator
 from finetune.hub import HubPushError, SentenceTransformerHubMixin
 from finetune.modeling import EmbeddingModel, ModelLoadError
@@ -189,11 +188,8 @@ def datasets_seen(trainer, train_dataset) -> list[dict] | None:
     if not isinstance(train_dataset, BlendedTripletDataset):
         return None
     sampler = trainer._get_train_sampler(train_dataset)
-    # One block per micro-step; the last update of an epoch takes only the blocks the epoch has left.
-    per_epoch, accumulation = len(sampler.schedule(0)), trainer.args.gradient_accumulation_steps
-    epochs, updates = divmod(trainer.state.global_step, math.ceil(per_epoch / accumulation))
-    blocks = epochs * per_epoch + min(updates * accumulation, per_epoch)
-    counts = blocks_per_dataset(sampler, blocks)
+    counts = blocks_per_dataset(sampler, blocks_consumed(sampler, trainer.state.global_step,
+                                                         trainer.args.gradient_accumulation_steps))
     return [{"name": name, "batches": count, "records": count * sampler.block} for name, count in
             zip(train_dataset.names, counts)]
 
