@@ -13,6 +13,7 @@ from pathlib import Path
 from transformers import TrainingArguments
 
 from finetune.blend import SAMPLING_MODES, DatasetSpec, parse_dataset_specs
+from finetune.decoders import ATTENTION_MODES
 from finetune.lora import LoraSettings
 from finetune.losses import DIRECTIONS, DISTILLATION_KINDS, NEGATIVE_MODES
 from finetune.pooling import POOLING_MODES
@@ -54,12 +55,19 @@ class ModelArguments:
         default=True,
         metadata={"help": "Run the encoder on the real tokens only (packed; attention per sequence with SDPA), "
                           "skipping the padding of every batch: same embeddings and gradients, less compute. "
-                          "BERT/RoBERTa/XLM-R encoders; others fall back to padded batches with a log line."})
+                          "BERT/RoBERTa/XLM-R encoders and Qwen2/3, Llama, Mistral, Gemma, Phi-3 decoders (checked "
+                          "against the padded forward at load); others fall back to padded batches with a log line."})
+    attention: str | None = field(
+        default=None,
+        metadata={"help": "Decoder LLMs only: 'causal' or 'bidirectional' attention (NV-Embed, LLM2Vec, NeMo "
+                          "Automodel's Llama retrievers train bidirectional; saved as is_causal in config.json). "
+                          "Default: the checkpoint's own (causal for a plain decoder)."})
 
     lora_r: int | None = field(
         default=None,
         metadata={"help": "Train LoRA adapters of this rank instead of every weight (peft); the saved model has them "
-                          "folded in and loads without peft. Unset = full fine-tune."})
+                          "folded in and loads without peft (unless --save_adapter_only). Unset = full fine-tune. "
+                          "Works with DDP and DeepSpeed ZeRO-2/3, not FSDP."})
     lora_alpha: float | None = field(default=None, metadata={"help": "LoRA scaling alpha (update = alpha/r x BA). "
                                                                       "Default: 2 x --lora_r."})
     lora_dropout: float = field(default=0.05, metadata={"help": "Dropout on the LoRA adapters' input."})
@@ -68,14 +76,27 @@ class ModelArguments:
         metadata={"help": "Module names that get adapters. Default: the attention and MLP projections of the model's "
                           "family (q_proj ... down_proj for decoders; query, key, value, dense for BERT); 'all-linear' "
                           "for every linear layer."})
+    save_adapter_only: bool = field(
+        default=False,
+        metadata={"help": "With --lora_r: save the model and checkpoints as the LoRA adapter alone (peft's "
+                          "adapter_config.json + adapter_model.safetensors, with tokenizer and SentenceTransformer "
+                          "files) instead of merged weights; SentenceTransformer(path) loads --model_name_or_path "
+                          "and puts the adapter on it (needs peft and the base model)."})
 
     def __post_init__(self):
+        if self.attention is not None and self.attention not in ATTENTION_MODES:
+            raise ValueError(f"--attention must be one of {ATTENTION_MODES}, got {self.attention!r}.")
         if self.pooling is not None and self.pooling not in POOLING_MODES:
             raise ValueError(f"--pooling must be one of {POOLING_MODES}, got {self.pooling!r}.")
         if self.lora_r is not None and self.lora_r < 1:
             raise ValueError(f"--lora_r must be >= 1, got {self.lora_r}.")
         if self.lora_r is None and (self.lora_alpha is not None or self.lora_target_modules):
             raise ValueError("--lora_alpha / --lora_target_modules need --lora_r.")
+        if self.save_adapter_only and self.lora_r is None:
+            raise ValueError("--save_adapter_only true needs --lora_r: a full fine-tune has no adapter to save.")
+        if self.save_adapter_only and self.attention is not None:  # the adapter folder has no config.json of its own
+            raise ValueError("--save_adapter_only true cannot keep --attention: loaders take the base model's config "
+                             "as it is; save merged weights (the default) instead.")
         if not 0 <= self.lora_dropout < 1:
             raise ValueError(f"--lora_dropout must be in [0, 1), got {self.lora_dropout}.")
 
@@ -86,7 +107,7 @@ class ModelArguments:
             return None
         alpha = self.lora_alpha if self.lora_alpha is not None else 2.0 * self.lora_r
         targets = tuple(_split_list(self.lora_target_modules)) or None
-        return LoraSettings(self.lora_r, alpha, self.lora_dropout, targets)
+        return LoraSettings(self.lora_r, alpha, self.lora_dropout, targets, save_adapter_only=self.save_adapter_only)
 
 
 @dataclass

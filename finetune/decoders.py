@@ -56,3 +56,31 @@ def prepare_decoder_tokenizer(tokenizer: PreTrainedTokenizerBase) -> None:
     if not appends_eos(tokenizer):
         raise ValueError("Could not make the tokenizer append EOS to every text.")
     logger.info("Decoder: EOS (%r) is appended to every text; left padding; last-token pooling.", eos)
+
+
+ATTENTION_MODES = ("causal", "bidirectional")
+
+
+def set_attention(config, attention: str | None) -> None:
+    """Make a decoder's attention causal or bidirectional (``None``: leave the checkpoint's own).
+
+    Bidirectional is ``config.is_causal = False``, which transformers' decoders honour in their masks
+    and attention kernels; it is saved in config.json, so ``SentenceTransformer(path)`` and
+    ``AutoModel`` load the trained model bidirectional too. Encoders (BERT...) are always bidirectional.
+    """
+    if attention is None:
+        return
+    if attention not in ATTENTION_MODES:
+        raise ValueError(f"--attention must be one of {ATTENTION_MODES}, got {attention!r}.")
+    if not is_decoder(config):
+        if attention == "causal":
+            raise ValueError(f"--attention causal applies to decoder LLMs ({', '.join(DECODER_TYPES)}); "
+                             f"a {getattr(config, 'model_type', '?')} encoder attends both ways.")
+        return
+    config.is_causal = attention == "causal"
+    logger.info("Decoder attention: %s.", attention)
+
+
+def attention_of(config) -> str:
+    """The attention the model runs with: causal for a decoder unless its config says otherwise."""
+    return "causal" if is_decoder(config) and getattr(config, "is_causal", True) else "bidirectional"

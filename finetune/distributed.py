@@ -1,4 +1,5 @@
-"""Helpers for data-parallel processes; each is a no-op (or a plain call) in a single process."""
+"""Helpers for data-parallel processes; each is a no-op (or a plain call) in a single process. Also what composes
+with a sharding engine (DeepSpeed, FSDP): :func:`check_sharding_support`."""
 
 from __future__ import annotations
 
@@ -59,3 +60,13 @@ def gather_rows(tensor: torch.Tensor, backprop: str = "global") -> torch.Tensor:
     dist.all_gather(parts, tensor.detach().contiguous())
     parts[rank] = tensor
     return torch.cat(parts)
+
+
+def check_sharding_support(*, gradcache: bool, lora: bool, deepspeed: bool, fsdp: bool) -> None:
+    """Refuse, before training, the combinations with a sharding engine that do not work (yet)."""
+    if gradcache and (deepspeed or fsdp):
+        raise ValueError("--gradcache_mini_batch_size is not supported with DeepSpeed or FSDP (its step runs several "
+                         "backward passes of its own); use DDP (accelerate_configs/multi_gpu.yaml).")
+    if lora and fsdp:
+        raise ValueError("--lora_r is not supported with FSDP yet; use DDP (accelerate_configs/multi_gpu.yaml) or "
+                         "DeepSpeed ZeRO-2/3 (accelerate_configs/deepspeed_zero2.yaml, deepspeed_zero3.yaml).")

@@ -209,14 +209,38 @@ class MultiRetrievalEvaluator:
         return metrics
 
 
+def load_sentence_transformer(model_name_or_path: str, truncate_dim: int | None = None):
+    """``SentenceTransformer(model_name_or_path)``; a raw decoder LLM folder or id (no SentenceTransformer files) gets
+    what training gives it (``finetune.decoders``: EOS appended, left padding, last-token pooling, normalised)
+    instead of sentence-transformers' default mean pooling."""
+    from sentence_transformers import SentenceTransformer
+    from transformers import AutoConfig
+
+    from finetune.decoders import is_decoder, prepare_decoder_tokenizer
+    from finetune.st_layout import read_sentence_transformer_config
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    if read_sentence_transformer_config(model_name_or_path).pooling is None:
+        try:
+            decoder = is_decoder(AutoConfig.from_pretrained(model_name_or_path))
+        except (OSError, ValueError):
+            decoder = False
+        if decoder:
+            from sentence_transformers.sentence_transformer.modules import Normalize, Pooling, Transformer
+
+            transformer = Transformer(model_name_or_path)
+            prepare_decoder_tokenizer(transformer.tokenizer)
+            pooling = Pooling(transformer.get_embedding_dimension(), pooling_mode="lasttoken")
+            return SentenceTransformer(modules=[transformer, pooling, Normalize()], device=device,
+                                       truncate_dim=truncate_dim)
+    return SentenceTransformer(model_name_or_path, device=device, truncate_dim=truncate_dim)
+
+
 def evaluate_model(model_name_or_path: str, dataset: RetrievalSet, *, batch_size: int, max_seq_length: int | None,
                    show_progress_bar: bool = True, truncate_dim: int | None = None) -> dict:
     """Retrieval metrics of any SentenceTransformer-loadable model, with its saved ``query``/``document`` prompts
     and its declared similarity; adds ``seconds``. ``truncate_dim``: evaluate the embeddings cut to that size."""
-    from sentence_transformers import SentenceTransformer
-
-    model = SentenceTransformer(model_name_or_path, device="cuda" if torch.cuda.is_available() else "cpu",
-                                truncate_dim=truncate_dim)
+    model = load_sentence_transformer(model_name_or_path, truncate_dim)
     if max_seq_length:
         model.max_seq_length = max_seq_length
 

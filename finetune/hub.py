@@ -6,8 +6,10 @@ around the weights too. So we upload ourselves, with ``huggingface_hub``: ``crea
 ``upload_folder`` restricted to the files that make up the model (:func:`model_files`): the HF
 weights, config and tokenizer at the root, ``modules.json``, ``sentence_bert_config.json``,
 ``config_sentence_transformers.json``, the module folders that ``modules.json`` names
-(``1_Pooling/``, ``2_Normalize/``) and the model card ``README.md``. Checkpoints, optimizer
-states, trainer logs and metrics files stay local.
+(``1_Pooling/``, ``2_Normalize/``) and the model card ``README.md``. A ``--save_adapter_only`` folder
+goes up the same way with the LoRA adapter (``adapter_config.json``, ``adapter_model.safetensors``) in
+place of the HF weights and config; the card says so. Checkpoints, optimizer states, trainer logs,
+metrics files and the ``lora_adapter/`` kept beside merged weights for resuming stay local.
 
 The token comes from ``huggingface_hub`` (``HF_TOKEN``, else the ``hf auth login`` file) or an
 explicit argument (``--hub_token``); it is sent in the Authorization header only and never
@@ -32,9 +34,9 @@ MODEL_ROOT_PATTERNS = (
     "config.json", "model.safetensors", "model-*-of-*.safetensors", "model.safetensors.index.json",
     "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json",
     "vocab.txt", "vocab.json", "merges.txt", "*.model", "*.tiktoken", "chat_template.jinja",
-    "configuration_*.py", "modeling_*.py", "tokenization_*.py",
+    "configuration_*.py", "modeling_*.py", "tokenization_*.py", "adapter_config.json", "adapter_model.safetensors",
 )
-REQUIRED_FILES = ("modules.json", "config.json", "config_sentence_transformers.json")
+REQUIRED_FILES = ("modules.json", "config_sentence_transformers.json")
 DEFAULT_COMMIT_MESSAGE = "Upload fine-tuned SentenceTransformer model"
 
 
@@ -51,8 +53,12 @@ def model_files(output_dir: str) -> list[str]:
     if not folder.is_dir():
         raise HubPushError(f"{output_dir!r} is not a folder.")
     missing = [name for name in REQUIRED_FILES if not (folder / name).is_file()]
-    if not any((folder / name).is_file() for name in ("model.safetensors", "model.safetensors.index.json")):
-        missing.append("model.safetensors")
+    if (folder / "adapter_config.json").is_file():  # a LoRA adapter (--save_adapter_only) on its base model
+        missing += [name for name in ("adapter_model.safetensors",) if not (folder / name).is_file()]
+    else:
+        missing += [name for name in ("config.json",) if not (folder / name).is_file()]
+        if not any((folder / name).is_file() for name in ("model.safetensors", "model.safetensors.index.json")):
+            missing.append("model.safetensors")
     if missing:
         raise HubPushError(f"{output_dir!r} is not a complete SentenceTransformer model folder (missing "
                            f"{', '.join(missing)}). Push the --output_dir of a finished training run.")

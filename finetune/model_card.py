@@ -8,6 +8,8 @@ metrics added after training):
   counts, loss settings, non-default options); written by :func:`save_training_run`.
 - the SentenceTransformer files (prompts, pooling, normalisation, max length, versions) and
   ``config.json`` (architecture);
+- ``adapter_config.json`` (``--save_adapter_only``: a LoRA adapter on a base model, no full weights)
+  or ``lora_adapter/adapter_config.json`` (LoRA merged into the saved weights);
 - metrics, when present: ``trainer_state.json`` (training curve; an evaluation at step 0 is the
   base model), ``all_results.json`` / ``eval_results.json`` (final evaluation) and
   ``retrieval_metrics.json`` (``python -m finetune.evaluate ... --output_json``; several models).
@@ -126,16 +128,35 @@ def save_training_run(output_dir: str, model_args, data_args, training_args, *, 
     return str(path)
 
 
-def _model_details(output_dir: Path) -> dict:
-    """Architecture, pooling, prompts and versions, from the saved SentenceTransformer files."""
+def _weights(output_dir: Path) -> dict:
+    """How the weights are stored: ``full`` (a full fine-tune), ``merged`` (LoRA folded into plain weights) or
+    ``adapter`` (a LoRA adapter at the root, on the base model its config names)."""
+    adapter = _read_json(output_dir / "adapter_config.json")
+    config = adapter or _read_json(output_dir / "lora_adapter" / "adapter_config.json")
+    if not isinstance(config, dict):
+        return {"kind": "full"}
+    base = config.get("base_model_name_or_path")
+    return {"kind": "adapter" if adapter else "merged", "r": config.get("r"), "alpha": config.get("lora_alpha"),
+            "base": base, "base_id": hub_repo_id(base),
+            "base_class": (config.get("auto_mapping") or {}).get("base_model_class")}
+
+
+def _model_details(output_dir: Path, weights: dict) -> dict:
+    """Architecture, pooling, prompts and versions, from the saved SentenceTransformer files (and, for an
+    adapter, from its base model's config when that is a local folder)."""
     config = _read_json(output_dir / "config.json") or {}
+    if not config and weights["kind"] == "adapter":
+        base = weights.get("base")
+        config = (_read_json(Path(base, "config.json")) if base and os.path.isdir(base) else None) or \
+            {"architectures": [weights["base_class"]] if weights.get("base_class") else None}
     st_config = _read_json(output_dir / "config_sentence_transformers.json") or {}
     modules = _read_json(output_dir / "modules.json") or []
-    pooling, normalize = None, False
+    pooling, normalize, pooling_dimension = None, False, None
     for module in modules:
         kind = module.get("type", "").rsplit(".", 1)[-1]
         if kind == "Pooling":
             pooling_config = _read_json(output_dir / module["path"] / "config.json") or {}
+            pooling_dimension = pooling_config.get("word_embedding_dimension")
             pooling = next((key.removeprefix("pooling_mode_").removesuffix("_tokens").removesuffix("_token")
                             for key, value in pooling_config.items() if key.startswith("pooling_mode_") and value is True),
                            pooling_config.get("pooling_mode"))
@@ -145,7 +166,7 @@ def _model_details(output_dir: Path) -> dict:
     return {
         "architecture": ", ".join(config.get("architectures") or [config.get("model_type", "unknown")]),
         "num_layers": config.get("num_hidden_layers"),
-        "dimension": config.get("hidden_size"),
+        "dimension": config.get("hidden_size") or pooling_dimension,
         "max_seq_length": (_read_json(output_dir / "sentence_bert_config.json") or {}).get("max_seq_length"),
         "pooling": pooling,
         "normalize": normalize,
@@ -297,7 +318,8 @@ def build_card_context(output_dir: str, *, repo_id: str | None = None, datasets:
     run = _read_json(folder / TRAINING_RUN_FILE) or {}
     state = _read_json(folder / "trainer_state.json") or {}
     log_history = state.get("log_history") or []
-    model = _model_details(folder)
+    weights = _weights(folder)
+    model = _model_details(folder, weights)
     base_model = run.get("base_model")
     base_model_id = run.get("base_model_id")
     evaluations = _evaluations(folder, log_history, base_model)
@@ -317,11 +339,14 @@ def build_card_context(output_dir: str, *, repo_id: str | None = None, datasets:
 
     tags = ["sentence-transformers", "sentence-similarity", "feature-extraction", "generated_from_trainer",
             "loss:MultipleNegativesRankingLoss"]
+    tags += {"full": [], "merged": ["lora"], "adapter": ["peft", "lora"]}[weights["kind"]]
     if run.get("num_train_records"):
         tags.append(f"dataset_size:{run['num_train_records']}")
     metadata: dict = {"tags": tags}
     if base_model_id:
         metadata["base_model"] = base_model_id
+        if weights["kind"] == "adapter":
+            metadata["base_model_relation"] = "adapter"
     if dataset_ids:
         metadata["datasets"] = dataset_ids
     metadata["pipeline_tag"] = "sentence-similarity"
@@ -338,6 +363,7 @@ def build_card_context(output_dir: str, *, repo_id: str | None = None, datasets:
         "base_model": base_model,
         "base_model_id": base_model_id,
         "model": model,
+        "weights": weights,
         "run": run,
         "dataset_ids": dataset_ids,
         "eval_set": eval_set,

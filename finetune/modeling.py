@@ -12,8 +12,8 @@ import torch
 from torch import nn
 from transformers import AutoModel, AutoTokenizer, PreTrainedTokenizerBase
 
-from finetune.decoders import is_decoder, prepare_decoder_tokenizer
-from finetune.lora import LoraSettings, add_lora, load_adapter, merged_state_dict, save_adapter
+from finetune.decoders import is_decoder, prepare_decoder_tokenizer, set_attention
+from finetune.lora import ADAPTER_FOLDER, LoraSettings, add_lora, load_adapter, merge_lora_weights, save_adapter
 from finetune.packing import enable_padding_free, encode_packed
 from finetune.pooling import pool
 from finetune.st_layout import read_sentence_transformer_config, write_sentence_transformer_files
@@ -68,7 +68,7 @@ class EmbeddingModel(nn.Module):
                  query_prefix: str = "", document_prefix: str = "", max_seq_length: int = 512,
                  padding_free: bool = False, lora: LoraSettings | None = None):
         super().__init__()
-        self.position_rule = enable_padding_free(encoder) if padding_free else None
+        self.position_rule = enable_padding_free(encoder, max_seq_length) if padding_free else None
         self.lora = lora
         self.encoder = add_lora(encoder, lora) if lora is not None else encoder
         self.tokenizer = tokenizer
@@ -81,11 +81,12 @@ class EmbeddingModel(nn.Module):
     @classmethod
     def from_pretrained(cls, model_name_or_path: str, *, pooling: str | None = None, normalize: bool | None = None,
                         trust_remote_code: bool = False, padding_free: bool = False, lora: LoraSettings | None = None,
-                        **metadata) -> "EmbeddingModel":
+                        attention: str | None = None, **metadata) -> "EmbeddingModel":
         """Load an HF encoder or a SentenceTransformer; ``None`` options come from its ST config.
 
         Defaults for a plain HF encoder: mean pooling with normalisation; for a decoder LLM
-        (``finetune.decoders``): last-token pooling, EOS appended, left padding, normalisation.
+        (``finetune.decoders``): last-token pooling, EOS appended, left padding, normalisation, and
+        the checkpoint's own attention unless ``attention`` ("causal"/"bidirectional") says otherwise.
         """
         st = read_sentence_transformer_config(model_name_or_path)
         try:
@@ -105,6 +106,7 @@ class EmbeddingModel(nn.Module):
                 f"the tokenizer found knows {len(tokenizer)} tokens for a model with {vocab_size} embeddings "
                 "(tokenizer.json / vocab files missing?)"))
         decoder = is_decoder(encoder.config)
+        set_attention(encoder.config, attention)  # before the padding-free check: it compares with this attention
         if decoder:
             try:
                 prepare_decoder_tokenizer(tokenizer)  # EOS appended, pad token, left padding (finetune.decoders)
@@ -119,6 +121,12 @@ class EmbeddingModel(nn.Module):
     def config(self):
         """The encoder's HF config (the Trainer's DeepSpeed integration sizes its buckets from hidden_size)."""
         return self.encoder.config
+
+    @property
+    def _no_split_modules(self) -> list[str]:
+        """The encoder's own block classes (``BertLayer``, ``Qwen3DecoderLayer``...): accelerate's FSDP
+        ``TRANSFORMER_BASED_WRAP`` wraps one per unit when the config names none."""
+        return sorted(getattr(self.encoder, "_no_split_modules", None) or [])
 
     @property
     def similarity(self) -> str:
@@ -157,18 +165,22 @@ class EmbeddingModel(nn.Module):
         """Write a complete SentenceTransformer folder: HF weights + tokenizer at the root, ST files around them.
 
         ``state_dict`` (keys as in ``self.state_dict()``) overrides the live weights, e.g. the
-        full weights gathered under ZeRO-3/FSDP.
+        full weights gathered under ZeRO-3/FSDP. With LoRA, both forms are made from it (``finetune.lora``):
+        merged plain weights + ``lora_adapter/``, or with ``save_adapter_only`` the adapter alone at the
+        root (no config.json: transformers would take the folder for the base model).
         """
         import sentence_transformers
         import transformers
 
+        encoder_state = self.encoder_state_dict(state_dict)
         if self.lora is None:
-            self.encoder.save_pretrained(output_dir, state_dict=self.encoder_state_dict(state_dict))
+            self.encoder.save_pretrained(output_dir, state_dict=encoder_state)
+        elif self.lora.save_adapter_only:
+            save_adapter(self.encoder, output_dir, encoder_state)
         else:  # plain weights with the adapters folded in, and the adapter itself for resuming
-            if state_dict is not None:
-                raise ValueError("LoRA with sharded weights (ZeRO-3/FSDP) is not supported yet.")
-            self.encoder.get_base_model().save_pretrained(output_dir, state_dict=merged_state_dict(self.encoder))
-            save_adapter(self.encoder, output_dir)
+            merged = merge_lora_weights(encoder_state, self.lora.scaling)
+            self.encoder.get_base_model().save_pretrained(output_dir, state_dict=merged)
+            save_adapter(self.encoder, os.path.join(output_dir, ADAPTER_FOLDER), encoder_state)
         self.tokenizer.save_pretrained(output_dir)
         write_sentence_transformer_files(
             output_dir,

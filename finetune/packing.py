@@ -8,13 +8,24 @@ is swapped for ``packed_attention``, which re-pads the packed queries/keys/value
 groups of similar length and calls SDPA per group with a key mask. Results equal the padded
 forward up to float rounding; gradients too. Dropout draws different (equally distributed) masks.
 
-Only encoders whose attention goes through transformers' attention interface and whose position
+Decoder LLMs take the same path: rotary positions restart at 0 for each packed sequence (rule
+"sequence"), each group is causal (SDPA's ``is_causal`` over right-padded groups: no real query
+sees a later token or a pad) or bidirectional (key mask) as the model's config says, and grouped-query
+attention keys/values (fewer heads than the queries) go to SDPA as they are (``enable_gqa``).
+transformers' own packed-sequence support (position ids that restart) builds one (N, N) mask over
+the whole pack for SDPA/eager attention, quadratic in the packed length, so it is not used here;
+with flash-attn installed, on CUDA in fp16/bf16, ``packed_attention`` calls its varlen kernel over the
+whole pack instead (cumulative sequence lengths, no re-padding at all), as transformers' own
+flash-attention path does; the choice is logged.
+
+Only models whose attention goes through transformers' attention interface and whose position
 ids we can reproduce are supported (``PADDING_FREE_MODEL_TYPES``); ``enable_padding_free`` checks
 the packed forward against the padded one on a small batch before it is used.
 """
 
 from __future__ import annotations
 
+import contextvars
 import logging
 from dataclasses import dataclass
 
@@ -25,9 +36,14 @@ from torch import nn
 logger = logging.getLogger("finetune.packing")
 
 PACKED_ATTENTION = "finetune_packed_sdpa"
-# model_type -> how HF numbers the positions of real tokens: "row" = index in the padded row
-# (BERT's absolute positions), "count" = padding_idx + 1 + index among real tokens (RoBERTa family).
-PADDING_FREE_MODEL_TYPES = {"bert": "row", "roberta": "count", "xlm-roberta": "count", "camembert": "count"}
+# model_type -> how the positions of real tokens are numbered: "row" = index in the padded row
+# (BERT's absolute positions), "count" = padding_idx + 1 + index among real tokens (RoBERTa family),
+# "sequence" = index among real tokens from 0 (rotary decoders: only relative positions matter, so
+# this equals the padded forward, which numbers left-padded tokens from the row's first slot).
+PADDING_FREE_MODEL_TYPES = {"bert": "row", "roberta": "count", "xlm-roberta": "count", "camembert": "count",
+                            **{family: "sequence" for family in ("qwen2", "qwen3", "llama", "mistral", "gemma", "phi3")}}
+# Set while a packed forward runs: the (N, N) mask transformers would build for the pack is not needed.
+_PACKED_FORWARD = contextvars.ContextVar("finetune_packed_forward", default=False)
 MAX_ATTENTION_GROUPS = 16  # more groups: less attention padding, more (small) SDPA calls; 16 measured best on CPU
 MIN_GROUP_SIZE = 4
 
@@ -61,6 +77,8 @@ class PackedLayout:
     seq_len: int
     groups: list[AttentionGroup]
     restore: torch.Tensor
+    cu_seqlens: torch.Tensor  # (B + 1,) int32 start of each sequence in the pack, then N (flash-attn varlen)
+    max_length: int
 
 
 def _attention_groups(lengths: torch.Tensor, starts: torch.Tensor) -> tuple[list[AttentionGroup], torch.Tensor]:
@@ -104,6 +122,8 @@ def pack(input_ids: torch.Tensor, attention_mask: torch.Tensor, position_rule: s
         positions = torch.arange(seq_len, device=input_ids.device).expand(batch_size, seq_len)
     elif position_rule == "count":
         positions = torch.cumsum(real.long(), dim=1) + padding_idx
+    elif position_rule == "sequence":
+        positions = torch.cumsum(real.long(), dim=1) - 1
     else:
         raise ValueError(f"Unknown position rule {position_rule!r}.")
     packed_ids = input_ids.reshape(-1)[token_index].unsqueeze(0)
@@ -111,7 +131,9 @@ def pack(input_ids: torch.Tensor, attention_mask: torch.Tensor, position_rule: s
     lengths = real.sum(dim=1)  # (B,)
     starts = torch.cumsum(lengths, dim=0) - lengths
     groups, restore = _attention_groups(lengths, starts)
-    return packed_ids, position_ids, PackedLayout(token_index, batch_size, seq_len, groups, restore)
+    cu_seqlens = F.pad(torch.cumsum(lengths, dim=0), (1, 0)).to(torch.int32)
+    return packed_ids, position_ids, PackedLayout(token_index, batch_size, seq_len, groups, restore, cu_seqlens,
+                                                  max(g.length for g in groups))
 
 
 def unpack(packed: torch.Tensor, layout: PackedLayout) -> torch.Tensor:
@@ -123,10 +145,12 @@ def unpack(packed: torch.Tensor, layout: PackedLayout) -> torch.Tensor:
 def packed_attention(module: nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                      attention_mask: torch.Tensor | None, dropout: float = 0.0, scaling: float | None = None,
                      **kwargs) -> tuple[torch.Tensor, None]:
-    """transformers attention-interface function; shapes: query/key/value (1, H, N, d) -> (1, N, H, d).
+    """transformers attention-interface function; shapes: query (1, H, N, d), key/value (1, H_kv, N, d) -> (1, N, H, d).
 
-    Without a ``packed_layout`` keyword (an ordinary padded call) it is plain SDPA, so a model
-    switched to it still works for any caller.
+    Causal when the model says so (``is_causal`` keyword, else the module's ``is_causal``): each group is
+    right-padded, so SDPA's causal mask alone keeps every real query off later tokens and pads. Without a
+    ``packed_layout`` keyword (an ordinary padded call) it is plain SDPA, so a model switched to it still
+    works for any caller.
     """
     layout: PackedLayout | None = kwargs.pop("packed_layout", None)
     if layout is None:
@@ -134,36 +158,90 @@ def packed_attention(module: nn.Module, query: torch.Tensor, key: torch.Tensor, 
 
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
                                       **kwargs)
-    heads, head_dim = query.shape[1], query.shape[3]
-    q, k, v = (tensor[0].transpose(0, 1) for tensor in (query, key, value))  # (N, H, d)
+    causal = kwargs.pop("is_causal", None)
+    causal = getattr(module, "is_causal", False) if causal is None else causal
+    window = kwargs.pop("sliding_window", None)
+    if kwargs.get("softcap") is not None or (window is not None and max(g.length for g in layout.groups) > window):
+        raise NotImplementedError("packed attention has no logit soft-capping or sliding window shorter than a text")
+    heads, kv_heads, head_dim = query.shape[1], key.shape[1], query.shape[3]
+    q, k, v = (tensor[0].transpose(0, 1) for tensor in (query, key, value))  # (N, H or H_kv, d)
+    varlen = flash_varlen_kernel(q)
+    if varlen is not None:  # no re-padding at all: one kernel over the pack, sequences by cu_seqlens
+        out = varlen(q, k, v, cu_seqlens_q=layout.cu_seqlens, cu_seqlens_k=layout.cu_seqlens,
+                     max_seqlen_q=layout.max_length, max_seqlen_k=layout.max_length, dropout_p=dropout,
+                     softmax_scale=scaling, causal=bool(causal))  # (N, H, d) in packed order
+        return out.unsqueeze(0), None
     outputs = []
     for group in layout.groups:
-        def regroup(tokens: torch.Tensor) -> torch.Tensor:  # (N, H, d) -> (G, H, L, d)
-            return tokens.index_select(0, group.gather).view(group.num_sequences, group.length, heads,
+        def regroup(tokens: torch.Tensor) -> torch.Tensor:  # (N, h, d) -> (G, h, L, d)
+            return tokens.index_select(0, group.gather).view(group.num_sequences, group.length, tokens.shape[1],
                                                              head_dim).transpose(1, 2)
-        out = F.scaled_dot_product_attention(regroup(q), regroup(k), regroup(v), attn_mask=group.key_mask,
-                                             dropout_p=dropout, scale=scaling)  # (G, H, L, d)
-        out = out.transpose(1, 2).reshape(group.num_sequences * group.length, heads, head_dim)
+        out = F.scaled_dot_product_attention(regroup(q), regroup(k), regroup(v),
+                                             attn_mask=None if causal else group.key_mask, is_causal=bool(causal),
+                                             dropout_p=dropout, scale=scaling, enable_gqa=kv_heads != heads)
+        out = out.transpose(1, 2).reshape(group.num_sequences * group.length, heads, head_dim)  # from (G, H, L, d)
         outputs.append(out.index_select(0, group.real_slots))
     merged = torch.cat(outputs).index_select(0, layout.restore)  # (N, H, d) in packed order
     return merged.unsqueeze(0), None
 
 
+_KERNEL_LOGGED = set()
+
+
+def flash_varlen_kernel(tensor: torch.Tensor):
+    """flash-attn's ``flash_attn_varlen_func`` when it is installed and applies (CUDA, fp16/bf16), else None
+    (grouped SDPA). The choice is logged once per process."""
+    kernel = None
+    if tensor.is_cuda and tensor.dtype in (torch.float16, torch.bfloat16):
+        try:
+            from flash_attn import flash_attn_varlen_func as kernel
+        except ImportError:
+            kernel = None
+    name = "flash-attn varlen" if kernel is not None else "grouped SDPA"
+    if name not in _KERNEL_LOGGED:
+        _KERNEL_LOGGED.add(name)
+        logger.info("Padding-free attention kernel: %s (%s, %s).", name, tensor.device, tensor.dtype)
+    return kernel
+
+
+def packed_or_sdpa_mask(*args, **kwargs):
+    """The mask function of ``PACKED_ATTENTION``: none during a packed forward (groups are masked per group),
+    SDPA's otherwise."""
+    from transformers.masking_utils import sdpa_mask
+
+    return None if _PACKED_FORWARD.get() else sdpa_mask(*args, **kwargs)
+
+
 def register_packed_attention() -> None:
     """Make ``PACKED_ATTENTION`` a valid ``attn_implementation`` (padded calls get SDPA's masks)."""
     from transformers import AttentionInterface
-    from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+    from transformers.masking_utils import AttentionMaskInterface
 
     AttentionInterface.register(PACKED_ATTENTION, packed_attention)
-    AttentionMaskInterface.register(PACKED_ATTENTION, sdpa_mask)
+    AttentionMaskInterface.register(PACKED_ATTENTION, packed_or_sdpa_mask)
 
 
-def position_rule_for(encoder: nn.Module) -> str | None:
-    """The position rule for this encoder, or None when padding-free encoding is not supported."""
+def sliding_window_of(config) -> int | None:
+    """The attention window of a model that has sliding-window layers (Mistral, some Qwen configs), else None."""
+    window = getattr(config, "sliding_window", None)
+    layer_types = getattr(config, "layer_types", None)
+    if window is None or (layer_types is not None and "sliding_attention" not in layer_types):
+        return None
+    return window
+
+
+def position_rule_for(encoder: nn.Module, max_length: int | None = None) -> str | None:
+    """The position rule for this model, or None when padding-free encoding is not supported.
+
+    ``max_length``: the longest text it will see; a sliding window shorter than that is not supported.
+    """
     config = getattr(encoder, "config", None)
-    if config is None or getattr(config, "is_decoder", False):
+    if config is None or getattr(config, "is_decoder", False):  # BERT used as a decoder (cross-attention)
         return None
     if getattr(config, "position_embedding_type", "absolute") not in ("absolute", None):
+        return None
+    window = sliding_window_of(config)
+    if window is not None and (max_length or getattr(config, "max_position_embeddings", 0)) > window:
         return None
     return PADDING_FREE_MODEL_TYPES.get(getattr(config, "model_type", None))
 
@@ -173,18 +251,22 @@ def encode_packed(encoder: nn.Module, input_ids: torch.Tensor, attention_mask: t
     """Token states ``(B, T, D)`` (zeros at padding) computed on the real tokens only."""
     padding_idx = getattr(encoder.config, "pad_token_id", 0) or 0
     packed_ids, position_ids, layout = pack(input_ids, attention_mask, position_rule, padding_idx)
-    hidden = encoder(input_ids=packed_ids, position_ids=position_ids, packed_layout=layout).last_hidden_state
+    token = _PACKED_FORWARD.set(True)
+    try:
+        hidden = encoder(input_ids=packed_ids, position_ids=position_ids, packed_layout=layout).last_hidden_state
+    finally:
+        _PACKED_FORWARD.reset(token)
     return unpack(hidden[0], layout)
 
 
-def enable_padding_free(encoder: nn.Module) -> str | None:
-    """Switch the encoder to packed attention when supported and verified; returns its position rule or None.
+def enable_padding_free(encoder: nn.Module, max_length: int | None = None) -> str | None:
+    """Switch the model to packed attention when supported and verified; returns its position rule or None.
 
-    The check runs a small batch of unequal lengths both ways (eval mode, no grad) and keeps the
-    padded path, with a warning, if they disagree. Skipped under ZeRO-3, whose weights are not
-    materialised at load time.
+    The check runs a small batch of unequal lengths, padded on the right and on the left, both ways
+    (eval mode, no grad) and keeps the padded path, with a warning, if they disagree or the packed
+    forward fails. Skipped under ZeRO-3, whose weights are not materialised at load time.
     """
-    rule = position_rule_for(encoder)
+    rule = position_rule_for(encoder, max_length)
     if rule is None:
         logger.info("Padding-free encoding is not available for model type %r: using padded batches.",
                     getattr(encoder.config, "model_type", None))
@@ -205,15 +287,23 @@ def enable_padding_free(encoder: nn.Module) -> str | None:
     generator = torch.Generator().manual_seed(0)
     vocab = min(encoder.config.vocab_size, 1000)
     input_ids = torch.randint(5, vocab, (3, 9), generator=generator)
-    attention_mask = torch.tensor([[1] * 9, [1] * 4 + [0] * 5, [1] * 7 + [0] * 2])
+    attention_mask = torch.tensor([[1] * 9, [1] * 4 + [0] * 5, [0] * 2 + [1] * 7])
     device = next(encoder.parameters()).device
-    input_ids, attention_mask = input_ids.to(device), attention_mask.to(device)
-    with torch.no_grad():
-        padded = encoder(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state.float()
-        packed = encode_packed(encoder, input_ids, attention_mask, rule).float()
-    encoder.train(was_training)
-    difference = ((padded - packed) * attention_mask[..., None]).abs().max().item()
-    if not difference < 1e-3 * max(1.0, padded.abs().max().item()):
+    pad_id = getattr(encoder.config, "pad_token_id", None) or 0
+    input_ids = torch.where(attention_mask.bool(), input_ids, pad_id).to(device)  # RoBERTa counts non-pad ids
+    attention_mask = attention_mask.to(device)
+    try:
+        with torch.no_grad():
+            padded = encoder(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state.float()
+            packed = encode_packed(encoder, input_ids, attention_mask, rule).float()
+        difference = ((padded - packed) * attention_mask[..., None]).abs().max().item()
+        agrees = difference < 1e-3 * max(1.0, padded.abs().max().item())
+    except (NotImplementedError, RuntimeError, TypeError, ValueError) as error:  # a kernel/argument it lacks
+        difference, agrees = float("nan"), False
+        logger.info("The packed forward failed for this model: %s", error)
+    finally:
+        encoder.train(was_training)
+    if not agrees:
         encoder.set_attn_implementation(original)
         logger.warning("Padding-free encoding disagrees with the padded forward for this model (max difference "
                        "%.2e): using padded batches.", difference)

@@ -2,10 +2,10 @@
 
     python -m finetune.push_to_hub OUTPUT_DIR --hub_model_id org/name [--private] [--commit_message MSG]
 
-Uploads exactly the model (HF weights, config and tokenizer, modules.json, 1_Pooling/, 2_Normalize/,
-sentence_bert_config.json, config_sentence_transformers.json) and README.md, re-rendered first so
-that it names the repo and shows metrics saved after training (e.g. ``python -m finetune.evaluate
-... --output_json OUTPUT_DIR/retrieval_metrics.json``). Checkpoints, optimizer states and trainer
+Uploads exactly the model (HF weights and config, or a --save_adapter_only LoRA adapter; tokenizer,
+modules.json, 1_Pooling/, 2_Normalize/, sentence_bert_config.json, config_sentence_transformers.json) and
+README.md, re-rendered first so that it names the repo and shows metrics saved after training (e.g.
+``python -m finetune.evaluate ... --output_json OUTPUT_DIR/retrieval_metrics.json``). Checkpoints, optimizer states and trainer
 logs stay local. The token comes from HF_TOKEN or `hf auth login`; it is never printed.
 Errors end with one message and exit code 2; the folder is left as it was.
 """

@@ -133,6 +133,7 @@ def run(model_args: ModelArguments, data_args: DataArguments, training_args: Emb
     model = EmbeddingModel.from_pretrained(
         model_args.model_name_or_path, pooling=model_args.pooling, normalize=model_args.normalize,
         trust_remote_code=model_args.trust_remote_code, padding_free=model_args.padding_free, lora=model_args.lora,
+        attention=model_args.attention,
         query_prefix=data_args.query_prefix, document_prefix=data_args.passage_prefix,
         max_seq_length=max(data_args.query_max_length, data_args.passage_max_length))
     too_large = [dim for dim in training_args.matryoshka_dims or [] if dim > model.embedding_dimension]

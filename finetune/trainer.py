@@ -16,6 +16,7 @@ from transformers import Trainer
 
 from finetune.checkpointing import mark_checkpoint_complete, save_staged
 from finetune.data import build_eval_sampler, build_train_sampler
+from finetune.distributed import check_sharding_support
 from finetune.gradcache import cached_training_step
 from finetune.monitoring import ComponentMeter, NonFiniteError, NonFiniteGuard  # noqa: F401 (NonFiniteError: API)
 from finetune.objectives import Objective, batch_for_objective, build_objective
@@ -31,10 +32,8 @@ class EmbeddingTrainer(Trainer):
 
     def __init__(self, *args, objective: Objective | None = None, evaluator=None, **kwargs):
         super().__init__(*args, **kwargs)
-        unsupported = self.args.gradcache_mini_batch_size or getattr(self.model, "lora", None)
-        if unsupported and (self.is_deepspeed_enabled or self.is_fsdp_enabled):
-            raise ValueError("--gradcache_mini_batch_size and --lora_r are not supported with DeepSpeed or FSDP yet; "
-                             "use DDP (accelerate_configs/multi_gpu.yaml).")
+        check_sharding_support(gradcache=bool(self.args.gradcache_mini_batch_size), deepspeed=self.is_deepspeed_enabled,
+                               lora=getattr(self.model, "lora", None) is not None, fsdp=self.is_fsdp_enabled)
         self.objective = objective if objective is not None else build_objective(self.args)
         self.evaluator = evaluator
         self.guard = NonFiniteGuard(self.args)

@@ -205,3 +205,9 @@ def kill_when(command: list[str], marker, env: dict, timeout: float = 240) -> in
     process.send_signal(signal.SIGKILL)
     process.wait()
     return process.returncode
+
+
+@pytest.fixture(scope="session")
+def tiny_qwen3(tmp_path_factory) -> str:
+    """Path of a tiny Qwen3-layout decoder folder (see build_tiny_decoder). Treat as read-only."""
+    return build_tiny_decoder(str(tmp_path_factory.mktemp("tiny_qwen3_shared")), "qwen3")

@@ -60,3 +60,23 @@ def test_deepspeed_config_validates_after_auto_is_filled(path, precision, tiny_b
     assert config.gradient_clipping == 0.5
     assert (config.bfloat16_config.enabled if hasattr(config, "bfloat16_config") else config.bfloat16_enabled) == (
         precision == "bf16")
+
+
+@pytest.mark.parametrize("model_fixture, block", [("tiny_bert", "BertLayer"), ("tiny_qwen3", "Qwen3DecoderLayer")])
+def test_fsdp_config_wraps_the_models_own_block_class(model_fixture, block, request):
+    """fsdp.yaml names no layer class: accelerate reads it from the model, so a decoder gets its decoder layers."""
+    from accelerate.commands.config.config_args import load_config_from_file
+    from accelerate.utils import FullyShardedDataParallelPlugin
+
+    from finetune.modeling import EmbeddingModel
+
+    fsdp = load_config_from_file(str(ROOT / "accelerate_configs" / "fsdp.yaml")).fsdp_config
+    plugin = FullyShardedDataParallelPlugin(
+        fsdp_version=fsdp["fsdp_version"], auto_wrap_policy=fsdp["fsdp_auto_wrap_policy"],
+        transformer_cls_names_to_wrap=fsdp.get("fsdp_transformer_layer_cls_to_wrap"))
+    model = EmbeddingModel.from_pretrained(request.getfixturevalue(model_fixture))
+    plugin.set_auto_wrap_policy(model)
+    wrapped = {type(module).__name__ for module in model.modules()
+               if plugin.auto_wrap_policy(module=module, recurse=False, nonwrapped_numel=0)}
+    assert block in wrapped
+    assert not wrapped & {"EmbeddingModel", "Linear", "Qwen3Attention", "BertSelfAttention"}

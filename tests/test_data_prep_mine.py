@@ -252,3 +252,28 @@ def test_extra_corpus_as_json_lines(tmp_path, tiny_bert, mining_data):
     assert report["corpus"]["extra"] == 2
     negatives = {text for record in read_records(str(tmp_path / "mined.jsonl")) for text in record["neg_doc"]}
     assert {"Rivers a document about rivers", "a document about sockets"} <= negatives
+
+
+def test_a_decoder_mines_what_sentence_transformers_ranks_highest(tmp_path, tiny_qwen3, mining_data):
+    """A decoder embedder (last-token pooling, EOS, left padding, an instruction; encoded padding-free here) picks the
+    negatives that sentence-transformers' own encode of the same saved model scores highest."""
+    from sentence_transformers import SentenceTransformer
+
+    from finetune.modeling import EmbeddingModel
+
+    records, data, _, _ = mining_data
+    instruction = "Instruct: find the passage\nQuery: "
+    folder = str(tmp_path / "decoder")
+    EmbeddingModel.from_pretrained(tiny_qwen3, query_prefix=instruction).save_pretrained(folder)
+    run_mine(tmp_path, folder, data, "--num_negatives", 3, "--range_max", 1000, "--max_score_ratio", "none",
+             "--min_negatives", 0, "--query_prefix", instruction)
+    st = SentenceTransformer(folder, device="cpu")
+    corpus = list(dict.fromkeys(t for r in records for t in r["pos_doc"] + r["neg_doc"]))
+    scores = (st.encode([r["question"] for r in records], prompt_name="query", convert_to_tensor=True)
+              @ st.encode(corpus, convert_to_tensor=True).T)  # (Q, N) cosine: unit vectors
+    for q, record in enumerate(read_records(str(tmp_path / "mined.jsonl"))):
+        positives = {normalize_text(t) for r in records if r["question"] == records[q]["question"] for t in r["pos_doc"]}
+        ranked = [c for c in scores[q].argsort(descending=True).tolist() if normalize_text(corpus[c]) not in positives]
+        best = scores[q, ranked[:3]]
+        chosen = scores[q, [corpus.index(text) for text in record["neg_doc"]]]
+        torch.testing.assert_close(chosen, best, atol=1e-3, rtol=0)  # mine keeps the corpus in fp16

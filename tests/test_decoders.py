@@ -79,3 +79,53 @@ def test_a_tokenizer_that_ends_texts_with_its_own_special_token_is_left_alone(tm
     prepare_decoder_tokenizer(tokenizer)
     ids = tokenizer("alpha beta")["input_ids"]
     assert ids[-1] == end and tokenizer.eos_token_id not in ids
+
+
+def test_bidirectional_attention_trains_and_is_saved(tiny_qwen3, train_file, tmp_path):
+    """--attention bidirectional: a token sees the ones after it, in training (padding-free, mean pooling) and in
+    the saved model (is_causal false in config.json, so AutoModel and sentence-transformers load it the same)."""
+    import json
+
+    from transformers import AutoModel
+
+    from finetune import train
+
+    output_dir = tmp_path / "out"
+    train.main(["--model_name_or_path", tiny_qwen3, "--train_file", train_file, "--output_dir", str(output_dir),
+                "--max_steps", "2", "--per_device_train_batch_size", "4", "--learning_rate", "1e-3",
+                "--use_cpu", "true", "--report_to", "none", "--attention", "bidirectional", "--pooling", "mean"])
+    assert json.loads((output_dir / "config.json").read_text())["is_causal"] is False
+    encoder = AutoModel.from_pretrained(str(output_dir)).eval()
+    ids = torch.tensor([[11, 12, 13, 14]])
+    changed = torch.tensor([[11, 12, 13, 15]])
+    with torch.no_grad():
+        first = encoder(input_ids=ids).last_hidden_state[0, 0]
+        first_changed = encoder(input_ids=changed).last_hidden_state[0, 0]
+    assert (first - first_changed).abs().max() > 1e-4  # the first token saw the last one
+    reloaded = EmbeddingModel.from_pretrained(str(output_dir), padding_free=True)
+    assert (reloaded.pooling, reloaded.position_rule) == ("mean", "sequence")
+    assert reloaded.encoder.config.is_causal is False  # the checkpoint's own attention is kept by default
+
+
+def test_attention_option_is_checked(tiny_bert, tiny_qwen3):
+    import pytest
+
+    from finetune.arguments import ModelArguments
+
+    with pytest.raises(ValueError, match="--attention must be one of"):
+        ModelArguments(attention="sideways")
+    with pytest.raises(ValueError, match="--attention causal applies to decoder LLMs"):
+        EmbeddingModel.from_pretrained(tiny_bert, attention="causal")
+    assert EmbeddingModel.from_pretrained(tiny_bert, attention="bidirectional").pooling == "mean"
+    causal = EmbeddingModel.from_pretrained(tiny_qwen3, attention="causal")
+    assert causal.encoder.config.is_causal is True
+
+
+def test_evaluate_gives_a_raw_decoder_what_training_gives_it(tiny_decoder):
+    """finetune.evaluate on a decoder folder without SentenceTransformer files: EOS, left padding, last-token
+    pooling (sentence-transformers alone would mean-pool it), so its vectors are the ones training sees."""
+    from finetune.evaluation import load_sentence_transformer
+
+    ours = EmbeddingModel.from_pretrained(tiny_decoder).encode(DOCUMENTS)
+    theirs = load_sentence_transformer(tiny_decoder).encode(DOCUMENTS, convert_to_tensor=True)
+    torch.testing.assert_close(theirs, ours, atol=1e-5, rtol=1e-4)

@@ -6,16 +6,22 @@ have no "optimizer" section, so the Trainer hands DeepSpeed its own torch AdamW,
 its flat fp32 partitions: the update rule is the same in all three runs and only the order of the
 gradient reductions differs. Gradient clipping is active (the gradient norm is above 1).
 
+LoRA composes with both stages: the same 2 LoRA steps under DDP, ZeRO-2 and ZeRO-3 end at the same merged
+weights (made from the state dict the Trainer gathers, finetune.lora.merge_lora_weights), and resuming from
+DeepSpeed's own checkpoint is exact (the ZeRO-3 resumed run saves the adapter alone, --save_adapter_only).
+
 The first DeepSpeed launch on a machine compiles a small communication op (about 70 s, cached in
 ~/.cache/torch_extensions). The outputs are loaded here, in the test process: under ZeRO-3 any model
 loaded inside the training run would be partitioned and loading it on one rank waits for the others.
 """
 
 import json
+import shutil
 from pathlib import Path
 
 import pytest
 import torch
+from safetensors.torch import load_file
 
 from conftest import ROOT, launch_two_processes, make_records, write_jsonl
 from finetune.config import ConfigError, launch_defaults
@@ -26,6 +32,25 @@ RUNS = {"ddp": ("cpu_multi_process.yaml", []), "zero2": ("cpu_deepspeed_zero2.ya
         "zero3": ("cpu_deepspeed_zero3.yaml", [])}
 TEXTS = ["alpha beta river", "python function returns list", "query document passage answer", "city"]
 TOLERANCE = 1e-5
+# LoRA runs: name -> (config, the run whose checkpoint-1 it resumes from, extra flags); one at a time, in this order.
+LORA_RUNS = {"ddp": ("cpu_multi_process.yaml", None, []), "zero2": ("cpu_deepspeed_zero2.yaml", None, []),
+             "zero3": ("cpu_deepspeed_zero3.yaml", None, []),
+             "zero2_resumed": ("cpu_deepspeed_zero2.yaml", "zero2", []),
+             "zero3_resumed": ("cpu_deepspeed_zero3.yaml", "zero3", ["--save_adapter_only", "true"])}
+OPTIMIZER_SHARDS = {f"zero_pp_rank_{rank}_mp_rank_00_optim_states.pt" for rank in (0, 1)}
+# DeepSpeed's own checkpoint files per stage prove it trained (accelerate can silently fall back to DDP).
+DEEPSPEED_FILES = {"ddp": set(), "zero2": OPTIMIZER_SHARDS | {"mp_rank_00_model_states.pt"},
+                   "zero3": OPTIMIZER_SHARDS | {f"zero_pp_rank_{rank}_mp_rank_00_model_states.pt" for rank in (0, 1)}}
+
+
+def deepspeed_files(output_dir: Path, step: int = 2) -> set[str]:
+    folder = output_dir / f"checkpoint-{step}" / f"global_step{step}"
+    return {path.name for path in folder.iterdir()} if folder.is_dir() else set()
+
+
+def max_difference(first: dict, second: dict) -> float:
+    assert first.keys() == second.keys()
+    return max((first[key] - second[key]).abs().max().item() for key in first)
 
 
 @pytest.fixture(scope="module")
@@ -40,6 +65,26 @@ def runs(tiny_bert_without_dropout, tmp_path_factory) -> dict[str, tuple[Path, s
     results = {}
     for name, (config, flags) in RUNS.items():
         output_dir = folder / name
+        result = launch_two_processes([str(ROOT / "finetune" / "train.py"), *common, *flags, "--output_dir",
+                                       str(output_dir)], config=config)
+        results[name] = (output_dir, result.stdout + result.stderr)
+    return results
+
+
+@pytest.fixture(scope="module")
+def lora_runs(tiny_bert_without_dropout, tmp_path_factory) -> dict[str, tuple[Path, str]]:
+    """Output folder and log of the same 2 LoRA steps under each entry of LORA_RUNS (one run at a time)."""
+    folder = tmp_path_factory.mktemp("deepspeed_lora")
+    train_file = write_jsonl(folder / "train.jsonl", make_records(24, seed=1))
+    common = ["--model_name_or_path", tiny_bert_without_dropout, "--train_file", train_file, "--max_steps", "2",
+              "--per_device_train_batch_size", "4", "--num_hard_negatives", "2", "--learning_rate", "1e-2",
+              "--warmup_steps", "0", "--report_to", "none", "--save_steps", "1", "--logging_steps", "1",
+              "--dataloader_num_workers", "0", "--lora_r", "4", "--lora_dropout", "0"]
+    results = {}
+    for name, (config, resume_from, flags) in LORA_RUNS.items():
+        output_dir = folder / name
+        if resume_from:  # a run stopped after step 1: the checkpoint alone (DeepSpeed's files in global_step1/)
+            shutil.copytree(folder / resume_from / "checkpoint-1", output_dir / "checkpoint-1")
         result = launch_two_processes([str(ROOT / "finetune" / "train.py"), *common, *flags, "--output_dir",
                                        str(output_dir)], config=config)
         results[name] = (output_dir, result.stdout + result.stderr)
@@ -70,14 +115,7 @@ def test_runs_use_two_processes_and_the_requested_zero_stage(runs):
         assert "World size 2 x 4 queries per device" in log, name
         assert ("--ddp_backend gloo by default" in log) == (name != "ddp"), name
         assert ("--use_cpu true by default" in log) == (name == "ddp"), name
-        # DeepSpeed's own checkpoint files prove it trained (accelerate can silently fall back to DDP).
-        step = output_dir / "checkpoint-2" / "global_step2"
-        files = {path.name for path in step.iterdir()} if step.is_dir() else set()
-        optimizer_shards = {f"zero_pp_rank_{rank}_mp_rank_00_optim_states.pt" for rank in (0, 1)}
-        expected = {"ddp": set(),
-                    "zero2": optimizer_shards | {"mp_rank_00_model_states.pt"},
-                    "zero3": optimizer_shards | {f"zero_pp_rank_{rank}_mp_rank_00_model_states.pt" for rank in (0, 1)}}
-        assert files == expected[name], name
+        assert deepspeed_files(output_dir) == DEEPSPEED_FILES[name], name
 
 
 def test_zero3_output_loads_and_matches_zero2_and_ddp(runs, tiny_bert_without_dropout):
@@ -109,3 +147,44 @@ def test_zero3_output_loads_and_matches_zero2_and_ddp(runs, tiny_bert_without_dr
     assert len(losses["ddp"]) == 2
     assert losses["zero3"] == pytest.approx(losses["ddp"], abs=TOLERANCE)
     assert losses["zero2"] == pytest.approx(losses["ddp"], abs=TOLERANCE)
+
+
+def test_lora_under_zero2_and_zero3_ends_where_ddp_ends(lora_runs, tiny_bert_without_dropout):
+    from sentence_transformers import SentenceTransformer
+
+    for name in ("ddp", "zero2", "zero3"):
+        output_dir, log = lora_runs[name]
+        assert "World size 2 x 4 queries per device" in log, name
+        assert deepspeed_files(output_dir) == DEEPSPEED_FILES[name], name
+    base = load_file(str(Path(tiny_bert_without_dropout) / "model.safetensors"))
+    merged = {name: load_file(str(lora_runs[name][0] / "model.safetensors")) for name in ("ddp", "zero2", "zero3")}
+    adapters = {name: load_file(str(lora_runs[name][0] / "lora_adapter" / "adapter_model.safetensors"))
+                for name in ("ddp", "zero2", "zero3")}
+    assert max_difference(merged["zero3"], base) > 1e-3  # plain weights under the base names, adapters folded in
+    embeddings = {name: SentenceTransformer(str(lora_runs[name][0]), device="cpu").encode(TEXTS, convert_to_tensor=True)
+                  for name in ("ddp", "zero2", "zero3")}
+    for name in ("zero2", "zero3"):
+        assert max_difference(merged[name], merged["ddp"]) < TOLERANCE, name
+        assert max_difference(adapters[name], adapters["ddp"]) < TOLERANCE, name
+        assert (embeddings[name] - embeddings["ddp"]).abs().max().item() < TOLERANCE, name
+
+
+def test_lora_resumes_exactly_from_deepspeed_checkpoints(lora_runs):
+    from sentence_transformers import SentenceTransformer
+
+    for name in ("zero2_resumed", "zero3_resumed"):
+        output_dir, log = lora_runs[name]
+        assert f"Resuming from {output_dir / 'checkpoint-1'}" in log, name
+        history = json.loads((output_dir / "trainer_state.json").read_text())["log_history"]
+        assert [entry["step"] for entry in history if "loss" in entry] == [1, 2], name
+    assert deepspeed_files(lora_runs["zero3_resumed"][0]) == DEEPSPEED_FILES["zero3"]
+    straight, resumed = (load_file(str(lora_runs[name][0] / "model.safetensors")) for name in ("zero2", "zero2_resumed"))
+    assert max_difference(straight, resumed) < 1e-6
+    # The resumed ZeRO-3 run saved the adapter alone, from the gathered state dict: the straight run's adapter.
+    adapter_only = lora_runs["zero3_resumed"][0]
+    assert not (adapter_only / "model.safetensors").exists() and not (adapter_only / "config.json").exists()
+    straight = load_file(str(lora_runs["zero3"][0] / "lora_adapter" / "adapter_model.safetensors"))
+    assert max_difference(straight, load_file(str(adapter_only / "adapter_model.safetensors"))) < 1e-6
+    vectors = {name: SentenceTransformer(str(lora_runs[name][0]), device="cpu").encode(TEXTS, convert_to_tensor=True)
+               for name in ("zero3", "zero3_resumed")}
+    assert (vectors["zero3"] - vectors["zero3_resumed"]).abs().max().item() < TOLERANCE

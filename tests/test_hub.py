@@ -30,6 +30,8 @@ TOKEN = "hf_StubToken0123456789abcdefSECRET"
 MODEL_FILES = {"README.md", "config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json",
                "modules.json", "sentence_bert_config.json", "config_sentence_transformers.json",
                "1_Pooling/config.json", "2_Normalize/config.json"}
+# A --save_adapter_only model: the LoRA adapter in place of the HF weights and config.
+ADAPTER_FILES = (MODEL_FILES - {"config.json", "model.safetensors"}) | {"adapter_config.json", "adapter_model.safetensors"}
 TEXTS = ["alpha beta gamma river", "python function returns list"]
 
 
@@ -197,3 +199,30 @@ def test_no_token_fails_before_training(tiny_bert, tmp_path, monkeypatch):
         train.main(tiny_run_args(tiny_bert, train_file, tmp_path / "out", "--push_to_hub", "true",
                                  "--hub_model_id", "test-org/x"))
     assert not list((tmp_path / "out").glob("checkpoint-*"))
+
+
+def test_push_of_lora_models_uploads_merged_weights_or_the_adapter_and_the_card_says_which(tiny_bert, hub, tmp_path):
+    train_file = write_jsonl(tmp_path / "train.jsonl", make_records(16, seed=8))
+    merged_dir, adapter_dir = tmp_path / "merged", tmp_path / "adapter"
+    train.main(tiny_run_args(tiny_bert, train_file, merged_dir, "--lora_r", "4"))
+    train.main(tiny_run_args(tiny_bert, train_file, adapter_dir, "--lora_r", "4", "--save_adapter_only", "true"))
+    assert set(model_files(str(merged_dir))) == MODEL_FILES  # lora_adapter/ (kept for resuming) stays local
+    assert set(model_files(str(adapter_dir))) == ADAPTER_FILES
+    (adapter_dir / "adapter_model.safetensors").rename(tmp_path / "moved")
+    with pytest.raises(HubPushError, match="missing adapter_model.safetensors"):
+        model_files(str(adapter_dir))
+    (tmp_path / "moved").rename(adapter_dir / "adapter_model.safetensors")
+
+    for folder, repo_id in ((merged_dir, "test-org/tiny-merged"), (adapter_dir, "test-org/tiny-adapter")):
+        result = run([sys.executable, "-m", "finetune.push_to_hub", str(folder), "--hub_model_id", repo_id],
+                     hub_env(tmp_path, hub.endpoint))
+        assert result.returncode == 0, result.stderr[-3000:]
+    merged, adapter = hub.files("test-org/tiny-merged"), hub.files("test-org/tiny-adapter")
+    assert set(merged) == MODEL_FILES and set(adapter) == ADAPTER_FILES
+    assert_pushed_copy_is_the_model(adapter, adapter_dir, tmp_path)  # the adapter, put on its (local) base again
+    merged_card, adapter_card = merged["README.md"].decode(), adapter["README.md"].decode()
+    assert "| Weights | LoRA (r=4, alpha=8.0) merged into plain weights: loads without `peft` |" in merged_card
+    assert f"| Weights | LoRA adapter (r=4, alpha=8.0) on base `{tiny_bert}`, no full weights" in adapter_card
+    assert "pip install -U sentence-transformers peft" in adapter_card
+    assert 'SentenceTransformer("test-org/tiny-adapter")' in adapter_card
+    assert "LoRA adapter" not in merged_card and "peft\n" not in merged_card

@@ -13,6 +13,7 @@ from sentence_transformers import SentenceTransformer
 from conftest import make_records, write_jsonl
 from finetune import train
 from finetune.arguments import HUB_MINILM, default_model_path
+from finetune.lora import LoraSettings
 from finetune.model_card import hub_repo_id, write_model_card
 from finetune.modeling import EmbeddingModel
 from finetune.sharing import _base_model_id
@@ -150,3 +151,37 @@ def test_card_without_evaluation_and_with_hub_ids(tiny_bert, tmp_path):
     assert hub_repo_id("intfloat/e5-large-unsupervised") == "intfloat/e5-large-unsupervised"
     assert hub_repo_id(str(output_dir)) is None
     assert _base_model_id(default_model_path()) == HUB_MINILM  # the packaged MiniLM's card names its Hub id
+
+
+def test_card_says_whether_lora_is_merged_or_an_adapter_on_its_base(run_dir, tiny_bert, tmp_path):
+    """Written for folders saved by LoRA models (the card reads only files; training is tested elsewhere)."""
+    folders = {}
+    for adapter_only in (False, True):
+        folders[adapter_only] = tmp_path / ("adapter" if adapter_only else "merged")
+        model = EmbeddingModel.from_pretrained(tiny_bert, lora=LoraSettings(4, 8.0, save_adapter_only=adapter_only),
+                                               query_prefix="query: ", document_prefix="passage: ")
+        model.save_pretrained(str(folders[adapter_only]))
+        shutil.copy(run_dir / "training_run.json", folders[adapter_only])
+        write_model_card(str(folders[adapter_only]), repo_id="test-org/tiny-lora")
+    metadata, body = split_card((folders[False] / "README.md").read_text())
+    assert "| Weights | LoRA (r=4, alpha=8.0) merged into plain weights: loads without `peft` |" in body
+    assert "lora" in metadata["tags"] and "peft" not in metadata["tags"]
+
+    metadata, body = split_card((folders[True] / "README.md").read_text())
+    assert {"peft", "lora"} <= set(metadata["tags"])
+    assert f"| Weights | LoRA adapter (r=4, alpha=8.0) on base `{tiny_bert}`, no full weights" in body
+    assert "| Architecture | BertModel, 2 layers |" in body and "| Embedding dimension | 32 |" in body  # base's config
+    assert "pip install -U sentence-transformers peft" in body and "named by a local path" in body
+    namespace = {}
+    exec(python_block(body).replace('"test-org/tiny-lora"', repr(str(folders[True]))), namespace)  # noqa: S102
+    reference = SentenceTransformer(str(folders[False]), device="cpu").encode_query(namespace["queries"])
+    assert torch.allclose(torch.as_tensor(namespace["query_embeddings"]), torch.as_tensor(reference), atol=1e-5)
+
+    # A Hub id as base: linked, no local-path warning, the architecture from the adapter config.
+    config_path = folders[True] / "adapter_config.json"
+    config_path.write_text(json.dumps({**json.loads(config_path.read_text()), "base_model_name_or_path": "acme/tiny-base"}))
+    _, body = split_card(Path(write_model_card(str(folders[True]))).read_text())
+    assert "on base [acme/tiny-base](https://huggingface.co/acme/tiny-base), no full weights" in body
+    assert "named by a local path" not in body and "| Architecture | BertModel |" in body
+    _, body = split_card((run_dir / "README.md").read_text())
+    assert "| Weights |" not in body and "peft" not in body  # a full fine-tune's card is as before

@@ -129,3 +129,133 @@ def test_padding_free_model_matches_sentence_transformers(tiny_bert, tmp_path):
     assert packing.PACKED_ATTENTION not in config_text  # the saved model is an ordinary one
     theirs = SentenceTransformer(str(tmp_path / "saved"), device="cpu").encode(texts, convert_to_tensor=True)
     torch.testing.assert_close(ours, theirs, atol=1e-5, rtol=1e-4)
+
+
+def tiny_decoder_model(family: str, directory: str, attention: str):
+    from conftest import build_tiny_decoder
+    from transformers import AutoModel
+
+    model = AutoModel.from_pretrained(build_tiny_decoder(directory, family))
+    model.config.is_causal = attention == "causal"
+    return model
+
+
+@pytest.mark.parametrize("attention", ["causal", "bidirectional"])
+@pytest.mark.parametrize("family", ["qwen3", "llama", "mistral"])
+def test_packed_decoder_forward_and_gradients_equal_padded(family, attention, tmp_path):
+    """Rotary positions restart per sequence, the mask stays inside each one, grouped-query attention (4 query,
+    2 key/value heads): left-padded batch, padded forward vs packed, values and gradients."""
+    padded_model = tiny_decoder_model(family, str(tmp_path), attention)
+    packed_model = copy.deepcopy(padded_model)
+    assert enable_padding_free(packed_model) == "sequence"
+    assert packed_model.config.num_key_value_heads < packed_model.config.num_attention_heads
+    input_ids, mask = random_batch(padding_side="left", seed=4, vocab=200)
+    padded_model.train(), packed_model.train()
+    reference = masked(padded_model(input_ids=input_ids, attention_mask=mask).last_hidden_state, mask)
+    result = packing.encode_packed(packed_model, input_ids, mask, "sequence")
+    torch.testing.assert_close(result, reference, atol=1e-5, rtol=1e-5)
+    weights = torch.randn_like(reference)
+    (reference * weights).sum().backward()
+    (result * weights).sum().backward()
+    for (name, a), (_, b) in zip(padded_model.named_parameters(), packed_model.named_parameters()):
+        torch.testing.assert_close(b.grad, a.grad, atol=1e-5 * a.grad.abs().max().item(), rtol=1e-5, msg=name)
+
+
+@pytest.mark.parametrize("attention", ["causal", "bidirectional"])
+def test_packed_decoder_keeps_its_attention_direction(attention, tmp_path):
+    """Causal: changing a row's last token leaves its earlier tokens alone; bidirectional: it changes them.
+    Other rows never change."""
+    model = tiny_decoder_model("qwen3", str(tmp_path), attention)
+    rule = enable_padding_free(model)
+    input_ids, mask = random_batch(seed=6, vocab=200, padding_side="left")
+    before = packing.encode_packed(model, input_ids, mask, rule)
+    changed = input_ids.clone()
+    changed[0, -1] = 7 if input_ids[0, -1] != 7 else 8
+    after = packing.encode_packed(model, changed, mask, rule)
+    torch.testing.assert_close(after[1:], before[1:], atol=1e-6, rtol=0)
+    earlier_change = (after[0, :-1] - before[0, :-1]).abs().max().item()
+    assert (earlier_change < 1e-6) if attention == "causal" else (earlier_change > 1e-3)
+
+
+def test_packed_decoder_builds_no_mask_over_the_pack(tmp_path, monkeypatch):
+    """transformers would build an (N, N) mask for the packed row; the packed forward must not ask for one."""
+    model = tiny_decoder_model("llama", str(tmp_path), "causal")
+    rule = enable_padding_free(model)
+    input_ids, mask = random_batch(seed=7, vocab=200, padding_side="left")
+    calls = []
+    real_mask = packing.packed_or_sdpa_mask
+
+    def counting(*args, **kwargs):
+        result = real_mask(*args, **kwargs)
+        calls.append(result)
+        return result
+
+    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS
+
+    monkeypatch.setitem(ALL_MASK_ATTENTION_FUNCTIONS._global_mapping, packing.PACKED_ATTENTION, counting)
+    packing.encode_packed(model, input_ids, mask, rule)
+    assert calls and all(result is None for result in calls)
+    model(input_ids=input_ids, attention_mask=mask)  # a padded call still gets its padding mask
+    assert calls[-1] is not None
+
+
+def test_a_sliding_window_shorter_than_the_texts_keeps_padded_batches(tmp_path):
+    model = tiny_decoder_model("mistral", str(tmp_path), "causal")
+    model.config.sliding_window = 16
+    assert enable_padding_free(model, max_length=64) is None
+    assert enable_padding_free(model, max_length=16) == "sequence"
+
+
+def test_padding_free_decoder_matches_sentence_transformers(tmp_path):
+    """Bidirectional Llama, mean pooling, padding-free: our encode == SentenceTransformer(saved folder), even for
+    a batch without padding (where transformers skips the mask and relies on is_causal)."""
+    from conftest import build_tiny_decoder
+    from sentence_transformers import SentenceTransformer
+
+    folder = build_tiny_decoder(str(tmp_path / "base"), "llama")
+    model = EmbeddingModel.from_pretrained(folder, padding_free=True, attention="bidirectional", pooling="mean")
+    assert model.position_rule == "sequence"
+    texts = ["alpha beta", "a much longer text about rivers mountains and forests in the valley", "x"]
+    model.save_pretrained(str(tmp_path / "saved"))
+    st = SentenceTransformer(str(tmp_path / "saved"), device="cpu")
+    for batch in (texts, texts[:1]):
+        torch.testing.assert_close(model.encode(batch), st.encode(batch, convert_to_tensor=True), atol=1e-5,
+                                   rtol=1e-4)
+
+
+def test_decoder_positions_restart_at_zero_for_each_packed_sequence():
+    input_ids, mask = random_batch(padding_side="left", seed=8)
+    _, position_ids, _ = packing.pack(input_ids, mask, "sequence")
+    expected = [position for length in mask.sum(dim=1).tolist() for position in range(length)]
+    assert position_ids[0].tolist() == expected
+
+
+def reference_varlen(q, k, v, *, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, dropout_p, softmax_scale,
+                     causal):
+    """flash-attn's varlen contract, (N, H, d) tensors and cumulative lengths, as a loop of SDPA calls."""
+    import torch.nn.functional as F
+
+    assert torch.equal(cu_seqlens_q, cu_seqlens_k) and cu_seqlens_q.dtype == torch.int32 and max_seqlen_q == max_seqlen_k
+    assert max_seqlen_q == int((cu_seqlens_q[1:] - cu_seqlens_q[:-1]).max())
+    outputs = []
+    for start, end in zip(cu_seqlens_q[:-1].tolist(), cu_seqlens_q[1:].tolist()):
+        outputs.append(F.scaled_dot_product_attention(
+            q[start:end].transpose(0, 1), k[start:end].transpose(0, 1), v[start:end].transpose(0, 1),
+            is_causal=causal, scale=softmax_scale, enable_gqa=k.shape[1] != q.shape[1]).transpose(0, 1))
+    return torch.cat(outputs)
+
+
+@pytest.mark.parametrize("attention", ["causal", "bidirectional"])
+def test_the_flash_varlen_branch_gets_the_packs_sequence_boundaries(attention, tmp_path, monkeypatch):
+    """Where flash-attn is installed (CUDA) the pack goes to its varlen kernel; here a loop with the same contract
+    stands in for it, so the arguments the branch passes (cumulative lengths, max length, causal) are checked."""
+    padded_model = tiny_decoder_model("qwen3", str(tmp_path), attention)
+    packed_model = copy.deepcopy(padded_model).eval()
+    padded_model.eval()
+    rule = enable_padding_free(packed_model)
+    monkeypatch.setattr(packing, "flash_varlen_kernel", lambda tensor: reference_varlen)
+    input_ids, mask = random_batch(padding_side="left", seed=9, vocab=200)
+    with torch.no_grad():
+        reference = masked(padded_model(input_ids=input_ids, attention_mask=mask).last_hidden_state, mask)
+        result = packing.encode_packed(packed_model, input_ids, mask, rule)
+    torch.testing.assert_close(result, reference, atol=1e-5, rtol=1e-5)

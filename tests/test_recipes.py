@@ -42,19 +42,28 @@ def test_recipe_header_and_readme_state_launch_and_batch_arithmetic(recipe):
 
 @pytest.mark.parametrize("recipe", RECIPES, ids=lambda path: path.stem)
 def test_recipe_trains_two_steps_on_the_tiny_model(recipe, tiny_bert, tmp_path):
+    """Decoder recipes train on a tiny decoder of their family, the others on a tiny BERT."""
+    from conftest import build_tiny_decoder
+
+    family = next((name for name in ("qwen3", "llama") if name in recipe.stem), None)
+    tiny = build_tiny_decoder(str(tmp_path / "decoder"), family) if family else tiny_bert
     train_file = write_jsonl(tmp_path / "train.jsonl", make_records(16, seed=31))
     validation_file = write_jsonl(tmp_path / "validation.jsonl", make_records(8, seed=32))
     output_dir = tmp_path / "out"
     model_args, data_args, training_args = parse_arguments([str(recipe), "--use_cpu", "true", "--bf16", "false"])
-    metrics = train.main([str(recipe), "--model_name_or_path", tiny_bert, "--train_file", train_file,
+    metrics = train.main([str(recipe), "--model_name_or_path", tiny, "--train_file", train_file,
                           "--validation_file", validation_file, "--output_dir", str(output_dir), *TINY_OVERRIDES])
     assert metrics["train_loss"] > 0 and "eval_loss" in metrics
     # The recipe's model settings reached the saved SentenceTransformer folder.
     prompts = json.loads((output_dir / "config_sentence_transformers.json").read_text())["prompts"]
     assert prompts == {"query": data_args.query_prefix, "document": data_args.passage_prefix}
     pooling = json.loads((output_dir / "1_Pooling" / "config.json").read_text())
-    expected_pooling = model_args.pooling or "mean"
-    assert pooling[{"mean": "pooling_mode_mean_tokens", "cls": "pooling_mode_cls_token"}[expected_pooling]] is True
+    expected_pooling = model_args.pooling or ("lasttoken" if family else "mean")
+    assert pooling[{"mean": "pooling_mode_mean_tokens", "cls": "pooling_mode_cls_token",
+                    "lasttoken": "pooling_mode_lasttoken"}[expected_pooling]] is True
+    if model_args.attention:  # the recipe's attention reached the saved config
+        saved = json.loads((output_dir / "config.json").read_text())
+        assert saved["is_causal"] is (model_args.attention == "causal")
     assert (output_dir / "2_Normalize").is_dir() == (model_args.normalize is not False)
     card = (output_dir / "README.md").read_text()
     assert f"| Temperature | {training_args.temperature} " in card
