@@ -64,9 +64,9 @@ def gather_rows(tensor: torch.Tensor, backprop: str = "global") -> torch.Tensor:
 
 def check_sharding_support(*, gradcache: bool, lora: bool, deepspeed: bool, fsdp: bool) -> None:
     """Refuse, before training, the combinations with a sharding engine that do not work (yet)."""
-    if gradcache and (deepspeed or fsdp):
-        raise ValueError("--gradcache_mini_batch_size is not supported with DeepSpeed or FSDP (its step runs several "
-                         "backward passes of its own); use DDP (accelerate_configs/multi_gpu.yaml).")
+    if gradcache and fsdp:
+        raise ValueError("--gradcache_mini_batch_size is not supported with FSDP (its step runs several backward "
+                         "passes of its own); use DDP (accelerate_configs/multi_gpu.yaml) or DeepSpeed ZeRO-2/3.")
     if lora and fsdp:
         raise ValueError("--lora_r is not supported with FSDP yet; use DDP (accelerate_configs/multi_gpu.yaml) or "
                          "DeepSpeed ZeRO-2/3 (accelerate_configs/deepspeed_zero2.yaml, deepspeed_zero3.yaml).")

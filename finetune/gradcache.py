@@ -69,6 +69,42 @@ def backward_through_chunks(model: Callable, chunks: list[Chunk], embedding_grad
             backward((embedding.float() * grad).sum())  # d(sum emb * g)/d(emb) = g
 
 
+def accelerator_chunk_hooks(accelerator, model) -> dict[str, Callable]:
+    """``backward`` and ``no_sync`` for ``backward_through_chunks`` under an accelerate ``Accelerator``.
+
+    DDP and one process: ``accelerator.backward``, and ``accelerator.no_sync`` around every chunk but the
+    last, so gradients are all-reduced once. DeepSpeed ZeRO reduces (and, stage 2/3, partitions) gradients
+    itself, and ``accelerator.backward`` also steps the engine: inside ``no_sync`` a chunk goes to the
+    engine's own backward off the accumulation boundary (gradients accumulate in its partitions), and the
+    last chunk goes through ``accelerator.backward``, which sets the boundary and steps. The loss is already
+    divided by the accumulation steps, so DeepSpeed does not divide again (``scale_wrt_gas=False``, as the
+    Trainer's own step does).
+    """
+    from accelerate.utils import DistributedType
+
+    if accelerator.distributed_type != DistributedType.DEEPSPEED:
+        return {"backward": accelerator.backward, "no_sync": lambda: accelerator.no_sync(model)}
+    engine = accelerator.deepspeed_engine_wrapped.engine
+    off_boundary = []
+
+    @contextlib.contextmanager
+    def no_sync():
+        off_boundary.append(True)
+        try:
+            yield
+        finally:
+            off_boundary.pop()
+
+    def backward(loss: torch.Tensor) -> None:
+        if off_boundary:
+            engine.set_gradient_accumulation_boundary(False)
+            engine.backward(loss, scale_wrt_gas=False)
+        else:
+            accelerator.backward(loss, scale_wrt_gas=False)
+
+    return {"backward": backward, "no_sync": no_sync}
+
+
 def cached_training_step(model: Callable, inputs: dict[str, torch.Tensor], mini_batch_size: int,
                          loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor | None], *,
                          backward: Callable[[torch.Tensor], None],

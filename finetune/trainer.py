@@ -17,7 +17,7 @@ from transformers import Trainer
 from finetune.checkpointing import mark_checkpoint_complete, save_staged
 from finetune.data import build_eval_sampler, build_train_sampler
 from finetune.distributed import check_sharding_support
-from finetune.gradcache import cached_training_step
+from finetune.gradcache import accelerator_chunk_hooks, cached_training_step
 from finetune.monitoring import ComponentMeter, NonFiniteError, NonFiniteGuard  # noqa: F401 (NonFiniteError: API)
 from finetune.objectives import Objective, batch_for_objective, build_objective
 
@@ -82,7 +82,7 @@ class EmbeddingTrainer(Trainer):
             return None if loss is None else loss / self.current_gradient_accumulation_steps
 
         loss = cached_training_step(model, inputs, self.args.gradcache_mini_batch_size, scaled_loss,
-                                    backward=self.accelerator.backward, no_sync=lambda: self.accelerator.no_sync(model),
+                                    **accelerator_chunk_hooks(self.accelerator, model),
                                     autocast=self.compute_loss_context_manager)
         return torch.zeros((), device=self.args.device) if loss is None else loss
 

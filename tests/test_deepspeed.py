@@ -10,6 +10,8 @@ LoRA composes with both stages: the same 2 LoRA steps under DDP, ZeRO-2 and ZeRO
 weights (made from the state dict the Trainer gathers, finetune.lora.merge_lora_weights), and resuming from
 DeepSpeed's own checkpoint is exact (the ZeRO-3 resumed run saves the adapter alone, --save_adapter_only).
 
+GradCache composes with both stages too: 2 GradCache steps of 2 accumulated batches end where DDP + GradCache ends.
+
 The first DeepSpeed launch on a machine compiles a small communication op (about 70 s, cached in
 ~/.cache/torch_extensions). The outputs are loaded here, in the test process: under ZeRO-3 any model
 loaded inside the training run would be partitioned and loading it on one rank waits for the others.
@@ -37,6 +39,9 @@ LORA_RUNS = {"ddp": ("cpu_multi_process.yaml", None, []), "zero2": ("cpu_deepspe
              "zero3": ("cpu_deepspeed_zero3.yaml", None, []),
              "zero2_resumed": ("cpu_deepspeed_zero2.yaml", "zero2", []),
              "zero3_resumed": ("cpu_deepspeed_zero3.yaml", "zero3", ["--save_adapter_only", "true"])}
+# GradCache runs (mini-batches of 3 texts, 2 accumulation steps): name -> config.
+GRADCACHE_RUNS = {"ddp": "cpu_multi_process.yaml", "zero2": "cpu_deepspeed_zero2.yaml",
+                  "zero3": "cpu_deepspeed_zero3.yaml"}
 OPTIMIZER_SHARDS = {f"zero_pp_rank_{rank}_mp_rank_00_optim_states.pt" for rank in (0, 1)}
 # DeepSpeed's own checkpoint files per stage prove it trained (accelerate can silently fall back to DDP).
 DEEPSPEED_FILES = {"ddp": set(), "zero2": OPTIMIZER_SHARDS | {"mp_rank_00_model_states.pt"},
@@ -89,6 +94,44 @@ def lora_runs(tiny_bert_without_dropout, tmp_path_factory) -> dict[str, tuple[Pa
                                        str(output_dir)], config=config)
         results[name] = (output_dir, result.stdout + result.stderr)
     return results
+
+
+@pytest.fixture(scope="module")
+def gradcache_runs(tiny_bert_without_dropout, tmp_path_factory) -> dict[str, tuple[Path, str]]:
+    """Output folder and log of the same 2 GradCache steps (2 accumulated batches each) under each GRADCACHE_RUNS."""
+    folder = tmp_path_factory.mktemp("deepspeed_gradcache")
+    train_file = write_jsonl(folder / "train.jsonl", make_records(24, seed=1))
+    common = ["--model_name_or_path", tiny_bert_without_dropout, "--train_file", train_file, "--max_steps", "2",
+              "--per_device_train_batch_size", "4", "--num_hard_negatives", "2", "--learning_rate", "1e-3",
+              "--warmup_steps", "0", "--report_to", "none", "--save_steps", "2", "--logging_steps", "1",
+              "--dataloader_num_workers", "0", "--gradcache_mini_batch_size", "3",
+              "--gradient_accumulation_steps", "2"]
+    results = {}
+    for name, config in GRADCACHE_RUNS.items():
+        output_dir = folder / name
+        result = launch_two_processes([str(ROOT / "finetune" / "train.py"), *common, "--output_dir",
+                                       str(output_dir)], config=config)
+        results[name] = (output_dir, result.stdout + result.stderr)
+    return results
+
+
+def test_gradcache_under_zero2_and_zero3_ends_where_ddp_ends(gradcache_runs, tiny_bert_without_dropout):
+    """GradCache's several backward passes per batch, accumulated over 2 batches per step, under ZeRO-2 and ZeRO-3
+    (the engine's own backward off the accumulation boundary, then one step) == DDP + GradCache."""
+    weights = {}
+    for name, (output_dir, log) in gradcache_runs.items():
+        assert "World size 2 x 4 queries per device" in log, name
+        assert deepspeed_files(output_dir) == DEEPSPEED_FILES[name], name
+        weights[name] = load_file(str(output_dir / "model.safetensors"))
+    base = load_file(str(Path(tiny_bert_without_dropout) / "model.safetensors"))
+    assert max((weights["ddp"][key] - base[key]).abs().max().item() for key in base) > 1e-4  # it trained
+    for stage in ("zero2", "zero3"):
+        assert max_difference(weights[stage], weights["ddp"]) < TOLERANCE, stage
+    losses = {name: [entry["loss"] for entry in json.loads((output_dir / "trainer_state.json").read_text())["log_history"]
+                     if "loss" in entry] for name, (output_dir, _) in gradcache_runs.items()}
+    assert len(losses["ddp"]) == 2
+    for stage in ("zero2", "zero3"):
+        assert losses[stage] == pytest.approx(losses["ddp"], abs=TOLERANCE), stage
 
 
 def test_launch_defaults_name_gloo_only_for_deepspeed_on_several_cpu_processes(monkeypatch):
