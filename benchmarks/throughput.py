@@ -281,7 +281,7 @@ def evaluate_quality(model_path: str, max_length: int) -> dict:
     from finetune.evaluation import load_retrieval_set
 
     dataset = load_retrieval_set([EXAMPLE_VALIDATION_FILE])
-    return evaluate_model(model_path, dataset, batch_size=64, max_seq_length=max_length, show_progress_bar=False)
+    return evaluate_model(model_path, dataset, batch_size=64, max_seq_length=max_length)
 
 
 def summarise(variant: str, rounds: list[dict], args, peak_flops: float, model_shape: tuple[int, int, int]) -> dict:

@@ -2,14 +2,20 @@
 
     python -m data_prep.mine --input train.jsonl --output train.mined.jsonl --num_negatives 5 \\
         [--model_name_or_path MODEL] [--max_score_ratio 0.95] [--extra_corpus more_docs.jsonl]
+    accelerate launch -m data_prep.mine ...     # several processes (GPUs) share the encoding and the search
 
 The corpus is every document of the data (pos_doc and neg_doc texts, deduplicated) plus --extra_corpus.
 Each question is searched exactly over the whole corpus (chunked torch search, or a faiss exact
 inner-product index with --use_faiss); candidates at ranks [range_min, range_max) that are a positive of
 the question (any record with that question; case and spacing ignored) or score above
 positive - |positive| x (1 - max_score_ratio) (NV-Retriever's TopK-PercPos), or above positive - margin,
-are dropped. Memory grows with the corpus (fp16 embeddings, 2 bytes x documents x dimension), not with
-corpus x queries: queries are mined in blocks and scores computed in bounded chunks.
+are dropped.
+
+The corpus embeddings go to disk, fp16 shards of --shard_size documents in --shard_dir (default
+OUTPUT.parts/), memory-mapped one at a time by the search: the memory for embeddings and scores does
+not grow with the corpus nor with corpus x queries (the texts themselves are held in memory). Processes share the shards to encode and the question blocks to search
+(finetune.sharded_search); the output equals one process's byte for byte. A rerun after a kill
+redoes only the missing shards and blocks; the folder is removed after success (--keep_shards keeps it).
 
 Writes the seed format (atomically), a JSON report (counts, fraction dropped, score statistics, counts per
 reason, the most suspicious dropped candidates to read) and a PNG plot of the score distributions.
@@ -24,18 +30,20 @@ import json
 import logging
 import re
 import time
+from dataclasses import asdict
 
 import numpy as np
-import torch
 from tqdm.auto import tqdm
 
-from data_prep.mining import FILTER_REASONS, REASONS, SAMPLING, MiningSettings, encode_texts, mine_negatives
+from data_prep.mining import FILTER_REASONS, REASONS, SAMPLING, MiningSettings, select_for_queries
 from data_prep.records import (json_line, normalized_key, optional_float, run_cli,
                                setup_logging, unique)
 from finetune.evaluation import read_corpus_file
 from finetune.checkpointing import atomic_write
 from finetune.schema import NEG_DOC, POS_DOC, QUESTION, SCORED_LISTS, normalize_record, read_records
+from finetune.sharded_search import ShardOptions, encode_corpus, read_blocks, remove_parts, search_queries
 from finetune.text import TextSide
+from finetune.work_blocks import path_identity, process_state
 
 logger = logging.getLogger("data_prep.mine")
 
@@ -78,12 +86,21 @@ def build_parser() -> argparse.ArgumentParser:
     add("--passage_max_length", type=int, default=256, help="Max tokens of a document, as in training. Default 256.")
     add("--batch_size", type=int, default=64, help="Encoding batch size. Default 64.")
     add("--use_faiss", action="store_true",
-        help="Search with a faiss exact inner-product index (IndexFlatIP; faiss-cpu or faiss-gpu) instead of chunked "
-             "torch matrix products. Same results; it keeps an fp32 copy of the corpus. Default: off.")
+        help="Search with a faiss exact inner-product index (IndexFlatIP) per corpus chunk, on the GPU with faiss-gpu, "
+             "instead of chunked torch matrix products. Same results. Default: off.")
     add("--query_block_size", type=int, default=1024,
-        help="Questions encoded and mined at a time (bounds memory besides the corpus). Default 1024.")
+        help="Questions encoded and searched at a time: the unit of search work shared between processes and resumed. "
+             "Each block reads every corpus shard once. Default 1024.")
     add("--corpus_chunk_size", type=int, default=16384,
-        help="Documents scored at a time per question block; scores held at once: query block x this. Default 16384.")
+        help="Documents scored at a time; scores held at once: 1024 questions x this. Default 16384.")
+    add("--shard_size", type=int, default=50000,
+        help="Documents per corpus shard (fp16 .npy file): the unit of encoding work shared between processes and "
+             "resumed. Default 50000.")
+    add("--shard_dir", default=None,
+        help="Folder for the corpus shards and the search results of the question blocks (the same path for every "
+             "process). Default: the output path plus .parts.")
+    add("--keep_shards", action="store_true",
+        help="Keep --shard_dir after success (the corpus embeddings, fp16 .npy). Default: off, it is removed.")
     add("--report", default=None,
         help="JSON report path. Default: the output path without .jsonl/.gz, plus .report.json.")
     add("--plot", default=None, help="PNG plot path. Default: the output path without .jsonl/.gz, plus .report.png.")
@@ -242,14 +259,16 @@ def main(argv: list[str] | None = None) -> dict:
     settings = MiningSettings(num_negatives=args.num_negatives, range_min=args.range_min, range_max=args.range_max,
                               max_score_ratio=args.max_score_ratio, margin=args.margin, sampling=args.sampling,
                               seed=args.seed)
-    for name in ("query_block_size", "corpus_chunk_size", "batch_size"):
+    for name in ("query_block_size", "corpus_chunk_size", "batch_size", "shard_size"):
         if getattr(args, name) < 1:
             raise ValueError(f"--{name} must be at least 1, got {getattr(args, name)}.")
     report_path = args.report or default_report_path(args.output, ".report.json")
     plot_path = args.plot or default_report_path(args.output, ".report.png")
     started = time.perf_counter()
+    state = process_state()
 
-    records = [normalize_record(record) for record in tqdm(read_records(args.input), desc="Reading", unit=" records")]
+    records = [normalize_record(record) for record in tqdm(read_records(args.input), desc="Reading", unit=" records",
+                                                           disable=not state.is_main_process)]
     corpus, from_data = build_corpus(records, args.extra_corpus)
     corpus_texts = list(corpus)
     corpus_keys = [normalized_key(text) for text in corpus_texts]
@@ -261,30 +280,40 @@ def main(argv: list[str] | None = None) -> dict:
                 len(records), len(question_positives), len(corpus_texts), from_data, len(corpus_texts) - from_data)
 
     from finetune.modeling import EmbeddingModel
-    from finetune.search import FaissExactSearch
 
     model = EmbeddingModel.from_pretrained(args.model_name_or_path, padding_free=True)  # same vectors, no padding work
-    if torch.cuda.is_available():
-        model.to("cuda")
+    model.to(state.device)
     query_side = TextSide(args.query_prefix, args.query_max_length)
     document_side = TextSide(args.passage_prefix, args.passage_max_length)
-    corpus_emb = encode_texts(model, corpus_texts, side=document_side, batch_size=args.batch_size,
-                              desc="Encoding corpus")  # (N, D) fp16
+    options = ShardOptions(folder=args.shard_dir or f"{args.output}.parts", shard_size=args.shard_size,
+                           query_block_size=args.query_block_size, batch_size=args.batch_size,
+                           corpus_chunk=args.corpus_chunk_size, use_faiss=args.use_faiss)
+    model_identity = path_identity(args.model_name_or_path)
+
+    def encoder(side: TextSide):
+        return lambda texts: model.encode(texts, side, batch_size=len(texts))  # one batch of encode_in_batches
+
+    shards = encode_corpus(encoder(document_side), corpus_texts, options, [model_identity, asdict(document_side)], state)
     encoded = time.perf_counter()
-    search = FaissExactSearch(corpus_emb, corpus_chunk=args.corpus_chunk_size).topk if args.use_faiss else None
+    positive_indices = [question_positives[record[QUESTION]] for record in records]
+    blocks = search_queries(encoder(query_side), [record[QUESTION] for record in records], shards, settings.range_max,
+                            options, [model_identity, asdict(query_side)], score_rows=positive_indices,
+                            device=state.device)
+    searched = time.perf_counter()
+    if not state.is_main_process:
+        return {}  # the main process selects and writes
 
     report = MiningReport(args.num_suspicious)
     report.counts["records_in"] = len(records)
     with atomic_write(args.output) as handle, tqdm(total=len(records), desc="Mining", unit=" queries") as progress:
-        for start in range(0, len(records), args.query_block_size):
-            block = records[start:start + args.query_block_size]
-            query_emb = encode_texts(model, [record[QUESTION] for record in block], side=query_side,
-                                     batch_size=args.batch_size, dtype=torch.float32, progress=False)
+        for searched_block in read_blocks(blocks, options.query_block_size):
+            start = searched_block.start
+            block = records[start:start + len(searched_block.scores)]
             existing = [[corpus[text] for text in record[NEG_DOC]] for record in block]
-            results = mine_negatives(query_emb, corpus_emb, [question_positives[record[QUESTION]] for record in block],
-                                     None, settings, corpus_keys=corpus_keys, corpus_chunk=args.corpus_chunk_size,
-                                     existing_indices=existing if args.keep_existing_negatives else None,
-                                     search=search, query_offset=start)
+            results = select_for_queries(searched_block.scores, searched_block.indices, searched_block.row_scores,
+                                         positive_indices[start:start + len(block)], corpus_keys, settings,
+                                         existing_indices=existing if args.keep_existing_negatives else None,
+                                         query_offset=start)
             for record, result in zip(block, results):
                 report.add(record, result, corpus_texts)
                 negatives = [corpus_texts[index] for index, _ in result.kept]
@@ -314,11 +343,14 @@ def main(argv: list[str] | None = None) -> dict:
         "corpus": {"documents": len(corpus_texts), "from_data": from_data, "extra": len(corpus_texts) - from_data,
                    "distinct_questions": len(question_positives)},
         **report.to_dict(),
-        "seconds": {"total": finished - started, "encode_corpus": encoded - started, "mine": finished - encoded},
+        "seconds": {"total": finished - started, "encode_corpus": encoded - started, "mine": finished - encoded,
+                    "search": searched - encoded},
     }
     with atomic_write(report_path) as handle:
         json.dump(result, handle, indent=2, ensure_ascii=False)
     plot_scores(report, settings, plot_path)
+    if not args.keep_shards:
+        remove_parts(options)
     counts = result["counts"]
     print(f"Mined {counts['negatives_mined']:,} negatives for {counts['records_in']:,} records over {len(corpus_texts):,} "
           f"documents; dropped {result['fraction_dropped']:.1%} of the judged candidates as likely false negatives "

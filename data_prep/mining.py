@@ -11,8 +11,9 @@ score; the absolute value keeps the threshold below the positive when the positi
 as sentence-transformers' ``relative_margin`` does); with ``margin`` m, above ``positive - m``. The
 positive score is the lowest among the question's positives (the strictest threshold).
 
-Memory: the corpus embeddings (fp16 from ``encode_texts``) plus one (query_chunk, corpus_chunk) block
-of scores; mine queries block by block (``query_offset``) to bound the rest.
+Memory of ``mine_negatives``: the corpus embeddings plus one (query_chunk, corpus_chunk) block of scores;
+mine queries block by block (``query_offset``) to bound the rest. ``data_prep.mine`` keeps the corpus on
+disk instead (``finetune.sharded_search``) and selects with ``select_for_queries``.
 """
 
 from __future__ import annotations
@@ -22,11 +23,9 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import torch
-from tqdm.auto import tqdm
 
 from data_prep.records import normalized_key
 from finetune.search import chunked_topk
-from finetune.text import TextSide
 
 # Why a candidate was not kept: it is a positive; a false-negative filter; already a negative of the record;
 # the same text (up to case and spacing) as a better-ranked candidate that passed.
@@ -115,13 +114,12 @@ def mine_negatives(query_emb: torch.Tensor, corpus_emb: torch.Tensor, positive_i
                    query_chunk: int = 256, corpus_keys=None, existing_indices: list[list[int]] | None = None,
                    search: Callable[[torch.Tensor, int], tuple[torch.Tensor, torch.Tensor]] | None = None,
                    query_offset: int = 0) -> list[MinedQuery]:
-    """Mine every query. Shapes: query_emb (Q, D), corpus_emb (N, D) normalised (fp16 or fp32);
-    positive_indices[q] and existing_indices[q] (the record's current negatives) index the corpus.
+    """Mine every query over an in-memory corpus. Shapes: query_emb (Q, D), corpus_emb (N, D) normalised (fp16 or
+    fp32); positive_indices[q] and existing_indices[q] (the record's current negatives) index the corpus.
 
     ``corpus_keys`` (precomputed ``normalized_key`` of every corpus text) saves hashing the corpus on
-    each call when mining block by block; ``search(query_emb, k)`` replaces the chunked torch search
-    (e.g. ``FaissExactSearch.topk``). Random sampling is seeded per query by (seed, query_offset + q),
-    so the result does not depend on how the queries are split into blocks.
+    each call when mining block by block; ``search(query_emb, k)`` replaces the chunked torch search.
+    ``data_prep.mine`` searches corpus shards on disk instead and calls :func:`select_for_queries`.
     """
     if corpus_keys is None:
         corpus_keys = [normalized_key(text) for text in corpus_texts]
@@ -130,41 +128,33 @@ def mine_negatives(query_emb: torch.Tensor, corpus_emb: torch.Tensor, positive_i
                                        corpus_chunk=corpus_chunk)
     else:
         scores, indices = search(query_emb, settings.range_max)
-    scores, indices = scores.cpu(), indices.cpu()
+    # Scored as the search scores candidates (fp32 query . fp32 copy of the stored row).
+    positive_scores = [(corpus_emb[positives].float() @ query_emb[q].float().to(corpus_emb.device)).tolist()
+                       for q, positives in enumerate(positive_indices)]
+    return select_for_queries(scores.cpu(), indices.cpu(), positive_scores, positive_indices, corpus_keys, settings,
+                              existing_indices=existing_indices, query_offset=query_offset)
+
+
+def select_for_queries(scores, indices, positive_scores: list[list[float]], positive_indices: list[list[int]],
+                       corpus_keys, settings: MiningSettings, *, existing_indices: list[list[int]] | None = None,
+                       query_offset: int = 0) -> list[MinedQuery]:
+    """Mine queries whose candidates are searched already. Shapes: scores, indices (Q, k) best first (tensors or
+    arrays); positive_scores[q] the scores of positive_indices[q].
+
+    Random sampling is seeded per query by (seed, query_offset + q), so the result does not depend on
+    how the queries are split into blocks.
+    """
+    scores, indices = np.asarray(scores), np.asarray(indices)
     results = []
     for q, positives in enumerate(positive_indices):
-        # Scored exactly as the search scores candidates (fp32 query . fp32 copy of the stored row).
-        positive_scores = (corpus_emb[positives].float() @ query_emb[q].float().to(corpus_emb.device)).tolist()
-        hardest = int(np.argmin(positive_scores))
+        hardest = int(np.argmin(positive_scores[q]))
         # Equal scores (e.g. texts equal after the tokenizer's lower-casing) in corpus order: deterministic
         # whatever order the search returned them in.
         candidates = sorted(zip(indices[q].tolist(), scores[q].tolist()), key=lambda item: (-item[1], item[0]))
         existing = {corpus_keys[i] for i in existing_indices[q]} if existing_indices is not None else frozenset()
         rng = np.random.default_rng((settings.seed, query_offset + q))
         result = select_negatives(candidates, {corpus_keys[p] for p in positives}, corpus_keys,
-                                  positive_scores[hardest], settings, rng, existing)
+                                  float(positive_scores[q][hardest]), settings, rng, existing)
         result.positive_index = positives[hardest]
         results.append(result)
     return results
-
-
-def encode_texts(model, texts: list[str], *, side: TextSide | None = None, prefix: str = "", max_length: int | None = None,
-                 batch_size: int = 64, dtype: torch.dtype = torch.float16, desc: str | None = None,
-                 progress: bool = True) -> torch.Tensor:
-    """Embeddings of ``texts`` as an (N, D) tensor of ``dtype`` (fp16 halves the corpus' memory).
-
-    Texts are encoded longest first, so each batch holds texts of similar length (little padding), in
-    blocks of 16 batches that are converted as they come: the fp32 copy never exceeds one block.
-    ``model`` is a ``finetune.modeling.EmbeddingModel``; ``side`` (``finetune.text``) says how texts are
-    tokenized, else ``prefix`` and ``max_length``.
-    """
-    side = side or TextSide(prefix, max_length or model.max_seq_length)
-    order = sorted(range(len(texts)), key=lambda i: len(texts[i]), reverse=True)
-    embeddings = torch.empty((len(texts), model.embedding_dimension), dtype=dtype)
-    block = batch_size * 16
-    with tqdm(total=len(texts), desc=desc or "Encoding", unit=" texts", disable=not progress) as bar:
-        for start in range(0, len(texts), block):
-            rows = order[start:start + block]
-            embeddings[rows] = model.encode([texts[i] for i in rows], side, batch_size=batch_size).to(dtype)
-            bar.update(len(rows))
-    return embeddings

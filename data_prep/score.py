@@ -10,30 +10,28 @@ document) pair; the score is its raw logit (no sigmoid), the scale rerankers are
 (``finetune.modeling.EmbeddingModel``, prompts and lengths as given), e.g. a fine-tuned model of ours.
 
 Records are scored in blocks of ``--block_size``; every finished block is written atomically into
-``OUTPUT.parts/``. A rerun after a kill skips the finished blocks (when the settings are the same),
-and the output file is assembled atomically at the end, in input order, and the parts removed. Under
-``accelerate launch`` the processes take blocks in turn; the output equals one process's (several machines
-need a file system they all see at OUTPUT.parts/).
+``OUTPUT.parts/`` (``finetune.work_blocks``). A rerun after a kill scores only the missing blocks (when the
+settings are the same), and the output file is assembled atomically at the end, in input order, and the parts
+removed. Under ``accelerate launch`` the processes share the missing blocks; the output equals one process's
+(several machines need a file system they all see at OUTPUT.parts/).
 Train with the result: ``--distillation kl`` or ``--distillation margin_mse``.
 """
 
 from __future__ import annotations
 
 import argparse
-import hashlib
-import json
 import logging
-import os
 import shutil
 
 import torch
 from tqdm.auto import tqdm
 
 from data_prep.records import json_line, run_cli, setup_logging
-from finetune.checkpointing import atomic_write, write_json_atomic
+from finetune.checkpointing import atomic_write
 from finetune.schema import NEG_DOC, NEG_SCORES, POS_DOC, POS_SCORES, QUESTION, expand_data_files, normalize_record, \
     read_records
 from finetune.text import TextSide
+from finetune.work_blocks import PartsFolder, fingerprint, path_identity, process_state
 
 logger = logging.getLogger("data_prep.score")
 
@@ -123,10 +121,10 @@ def score_block(records: list[dict], teacher) -> list[dict]:
 
 def settings_fingerprint(args) -> str:
     """What the parts depend on: the input files' identity and every setting that changes a score."""
-    files = [(os.path.abspath(path), os.path.getsize(path), os.stat(path).st_mtime_ns) for path in expand_data_files(args.input)]
+    files = [path_identity(path) for path in expand_data_files(args.input)]
     keys = ("teacher", "teacher_type", "query_prefix", "passage_prefix", "query_max_length", "passage_max_length",
             "block_size")
-    return hashlib.sha256(json.dumps([files, {key: getattr(args, key) for key in keys}]).encode()).hexdigest()
+    return fingerprint(files, {key: getattr(args, key) for key in keys})
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -135,44 +133,28 @@ def main(argv: list[str] | None = None) -> dict:
     for name in ("batch_size", "block_size"):
         if getattr(args, name) < 1:
             raise ValueError(f"--{name} must be at least 1, got {getattr(args, name)}.")
-    from accelerate import PartialState
-
-    state = PartialState(cpu=not torch.cuda.is_available())  # CPU launches: one gloo group, not one process each
+    state = process_state()
     records = [normalize_record(record) for record in read_records(args.input)]  # validated before any model loads
     blocks = [records[start:start + args.block_size] for start in range(0, len(records), args.block_size)]
-    parts = f"{args.output}.parts"
-    fingerprint = settings_fingerprint(args)
-    if state.is_main_process:
-        settings_file = os.path.join(parts, "settings.json")
-        previous = json.load(open(settings_file, encoding="utf-8")) if os.path.isfile(settings_file) else None
-        if previous != {"fingerprint": fingerprint}:
-            shutil.rmtree(parts, ignore_errors=True)  # other settings or input: the old parts do not apply
-            os.makedirs(parts)
-            write_json_atomic(settings_file, {"fingerprint": fingerprint})
-    state.wait_for_everyone()
-
-    def part(index: int) -> str:
-        return os.path.join(parts, f"block-{index:07d}.jsonl")
-
-    mine = [index for index in range(len(blocks)) if index % state.num_processes == state.process_index]
-    todo = [index for index in mine if not os.path.isfile(part(index))]
-    logger.info("%d records in %d blocks; this process: %d blocks, %d already scored.", len(records), len(blocks),
-                len(mine), len(mine) - len(todo))
+    parts = PartsFolder(f"{args.output}.parts", settings_fingerprint(args), state, ext=".jsonl")
+    todo, done = parts.assign(len(blocks))
+    logger.info("%d records in %d blocks, %d already scored; this process: %d blocks.", len(records), len(blocks),
+                done, len(todo))
     if todo:
         device = str(state.device)
         teacher = (CrossEncoderTeacher if args.teacher_type == "cross-encoder" else BiEncoderTeacher)(
             args.teacher, args, device)
         for index in tqdm(todo, desc="Scoring", unit=" blocks", disable=not state.is_local_main_process):
-            with atomic_write(part(index)) as handle:
+            with atomic_write(parts.part(index)) as handle:
                 for record in score_block(blocks[index], teacher):
                     handle.write(json_line(record))
     state.wait_for_everyone()
     if state.is_main_process:
         with atomic_write(args.output) as out:
             for index in range(len(blocks)):
-                with open(part(index), encoding="utf-8") as handle:
+                with open(parts.part(index), encoding="utf-8") as handle:
                     shutil.copyfileobj(handle, out)
-        shutil.rmtree(parts)
+        parts.remove()
         print(f"Scored {len(records):,} records with {args.teacher_type} {args.teacher}; wrote {args.output}.")
     state.wait_for_everyone()
     return {"records": len(records), "blocks": len(blocks), "output": args.output}

@@ -7,11 +7,14 @@
   and moved into place with its key file (``modules.json``) last.
 - :data:`CHECKPOINT_COMPLETE`: written into ``checkpoint-N`` after every process saved its part;
   :func:`last_complete_checkpoint` resumes only from checkpoints that have it.
+- :func:`checkpoint_write_guard`: a checkpoint whose writing fails (a full disk...) is removed and the
+  error names it and the complete checkpoint the same command resumes from.
 """
 
 from __future__ import annotations
 
 import contextlib
+import errno
 import gzip
 import io
 import json
@@ -121,3 +124,30 @@ def last_complete_checkpoint(output_dir: str) -> str | None:
             return folder
         logger.warning("Skipping %s: it was not completely written (the run was stopped while saving).", folder)
     return None
+
+
+class CheckpointWriteError(RuntimeError):
+    """Writing a checkpoint failed; the previous complete checkpoint is kept."""
+
+
+@contextlib.contextmanager
+def checkpoint_write_guard(folder: str) -> Iterator[None]:
+    """Run the writing of checkpoint ``folder``; if it fails, remove the partial folder (it frees its space and can
+    never be taken for complete) and raise :class:`CheckpointWriteError` naming the checkpoint to resume from.
+
+    torch.save reports a full disk as a RuntimeError ("file write failed"), not an OSError, so every error is
+    caught; the free space left is said too.
+    """
+    try:
+        yield
+    except Exception as error:  # noqa: BLE001 - re-raised, with what to do
+        shutil.rmtree(folder, ignore_errors=True)
+        output_dir = os.path.dirname(os.path.abspath(folder))
+        last = last_complete_checkpoint(output_dir) if os.path.isdir(output_dir) else None
+        full = isinstance(error, OSError) and error.errno in (errno.ENOSPC, errno.EDQUOT)
+        free_mb = shutil.disk_usage(output_dir).free / 2**20 if os.path.isdir(output_dir) else float("nan")
+        raise CheckpointWriteError(
+            f"Writing {folder} failed{' (no space left on device)' if full else ''}: {error}. It was removed; "
+            + (f"{last} is complete and the same command resumes from it" if last else "no complete checkpoint exists "
+               "yet, so the same command starts over")
+            + f" ({free_mb:.0f} MB free in {output_dir}).") from error

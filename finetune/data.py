@@ -20,7 +20,7 @@ import datasets
 import numpy as np
 import torch
 from torch.utils.data import Dataset, Sampler
-from transformers import PreTrainedTokenizerBase
+from transformers import PreTrainedTokenizerBase, TrainerCallback
 
 from finetune.blend import BlendedEpochSampler, BlendedEvalSampler, BlendedTripletDataset
 from finetune.schema import (NEG_DOC, NEG_SCORES, OPTIONAL_FIELDS, POS_DOC, POS_SCORES, QUESTION, SOURCE,
@@ -251,6 +251,36 @@ class LengthGroupedEpochSampler(EpochShuffleSampler):
             for batch_index in torch.randperm(len(batches), generator=generator).tolist():
                 for index in batches[batch_index]:
                     yield (self.epoch, index)
+
+
+def epoch_sampler_of(dataloader) -> Sampler | None:
+    """Our epoch sampler under the wrappers of a prepared DataLoader (accelerate's ``BatchSamplerShard`` and, on
+    resume, ``SkipBatchSampler``), or None."""
+    seen, stack = set(), [dataloader]
+    while stack:
+        node = stack.pop()
+        if node is None or id(node) in seen:
+            continue
+        seen.add(id(node))
+        if isinstance(node, (EpochShuffleSampler, BlendedEpochSampler)):
+            return node
+        stack.extend(getattr(node, name, None) for name in ("batch_sampler", "sampler", "base_dataloader"))
+    return None
+
+
+class SamplerEpochCallback(TrainerCallback):
+    """Sets the training sampler's epoch at the start of every epoch, the resumed one included.
+
+    The Trainer's own ``set_epoch`` does not reach the sampler under several processes once the dataloader is
+    wrapped for skipping the batches a resumed epoch already trained (``SkipBatchSampler`` around
+    ``BatchSamplerShard``): the resumed epoch would then replay epoch 0's order and negatives. ``state.epoch`` is
+    ``epoch + fraction done``, so its integer part is the epoch that begins.
+    """
+
+    def on_epoch_begin(self, args, state, control, train_dataloader=None, **kwargs):
+        sampler = epoch_sampler_of(train_dataloader)
+        if sampler is not None:
+            sampler.set_epoch(int(state.epoch))
 
 
 def build_train_sampler(dataset: "TripletDataset", strategy: str, batch_size: int, seed: int,

@@ -1,13 +1,26 @@
 """Helpers for data-parallel processes; each is a no-op (or a plain call) in a single process. Also what composes
-with a sharding engine (DeepSpeed, FSDP): :func:`check_sharding_support`."""
+with a sharding engine (DeepSpeed, FSDP): :func:`check_sharding_support`; and what a process says when another one
+of its run died: :func:`peer_failure_message`."""
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import math
-from collections.abc import Callable
+import os
+from collections.abc import Callable, Iterator
 
 import torch
 import torch.distributed as dist
+
+logger = logging.getLogger("finetune.distributed")
+# What gloo/NCCL say when the other end of a collective is gone (killed, out of memory, its machine lost).
+PEER_FAILURE_SIGNS = ("Connection closed by peer", "Connection reset by peer", "Broken pipe", "NCCL communicator was aborted",
+                      "ProcessGroupNCCL", "Timed out", "timed out")
+
+
+class PeerProcessError(RuntimeError):
+    """Another process of this run stopped, so this one cannot go on."""
 
 
 def world() -> tuple[int, int]:
@@ -70,3 +83,23 @@ def check_sharding_support(*, gradcache: bool, lora: bool, deepspeed: bool, fsdp
     if lora and fsdp:
         raise ValueError("--lora_r is not supported with FSDP yet; use DDP (accelerate_configs/multi_gpu.yaml) or "
                          "DeepSpeed ZeRO-2/3 (accelerate_configs/deepspeed_zero2.yaml, deepspeed_zero3.yaml).")
+
+
+@contextlib.contextmanager
+def peer_failure_message(output_dir: str, world_size: int) -> Iterator[None]:
+    """Turn a collective that fails because another process of the run died into :class:`PeerProcessError`,
+    which says so and that the same command resumes from the last complete checkpoint (logged as well: the
+    launcher may stop this process right after)."""
+    try:
+        yield
+    except RuntimeError as error:
+        if world_size < 2 or not any(sign in str(error) for sign in PEER_FAILURE_SIGNS):
+            raise
+        from finetune.checkpointing import last_complete_checkpoint
+
+        last = last_complete_checkpoint(output_dir) if os.path.isdir(output_dir) else None
+        message = (f"Another process of this run stopped ({str(error).strip().splitlines()[0][:200]}); this one stops "
+                   "too. Check the first failing process's log, then rerun the same command: it resumes from "
+                   + (f"{last}." if last else "the start (no complete checkpoint yet)."))
+        logger.error(message)
+        raise PeerProcessError(message) from error

@@ -7,8 +7,9 @@ Every query of the qrels counts, as in pytrec_eval: one missing from the run, or
 relevant document, scores 0. Documents are ranked by the similarity the model declares (cosine
 for every model this project saves, also with ``--normalize false``; or dot product).
 
-During training the trainer is handed a :class:`RetrievalEvaluator`; ``python -m finetune.evaluate``
-uses :func:`evaluate_model` on any SentenceTransformer-loadable model.
+During training the trainer is handed a :class:`RetrievalEvaluator` (embeddings in memory);
+``python -m finetune.evaluate`` uses :func:`evaluate_model` on any SentenceTransformer-loadable model
+(corpus embeddings in fp16 shards on disk, work shared over processes: ``finetune.sharded_search``).
 """
 
 from __future__ import annotations
@@ -21,13 +22,16 @@ import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
 from finetune.distributed import encode_sharded
 from finetune.metrics.retrieval.retrieval import METRIC_NAMES, mean_metrics, query_metrics
 from finetune.search import chunked_topk
+from finetune.sharded_search import ShardOptions, encode_corpus, read_blocks, remove_parts, search_queries
 from finetune.text import TextSide
+from finetune.work_blocks import path_identity, process_state
 
 SIMILARITIES = ("cosine", "dot")
 logger = logging.getLogger("finetune.evaluation")
@@ -113,8 +117,22 @@ def in_group_metrics(query_emb: torch.Tensor, corpus_emb: torch.Tensor, query_in
         best_positive = (corpus_emb[positive_rows] @ query).max()
         above = int(((corpus_emb[[doc_index[d] for d in negatives]] @ query) > best_positive).sum())
         reciprocal_ranks.append(1.0 / (1 + above))
+    return in_group_summary(reciprocal_ranks)
+
+
+def in_group_summary(reciprocal_ranks: list[float]) -> dict[str, float]:
+    """ingroup_accuracy and ingroup_mrr from each group's 1 / (1 + negatives scoring above its best positive)."""
     return {"ingroup_accuracy": sum(r == 1.0 for r in reciprocal_ranks) / len(reciprocal_ranks),
             "ingroup_mrr": sum(reciprocal_ranks) / len(reciprocal_ranks)}
+
+
+def ranking_similarity(similarity: str) -> str:
+    """The similarity documents are ranked by: ``similarity`` when supported, else cosine (with a warning)."""
+    if similarity not in SIMILARITIES:
+        logger.warning("Similarity %r is not supported by the retrieval evaluation; ranking by cosine instead "
+                       "(the same order as euclidean distance for normalised embeddings).", similarity)
+        return "cosine"
+    return similarity
 
 
 def in_similarity_space(embeddings: torch.Tensor, similarity: str) -> torch.Tensor:
@@ -123,10 +141,7 @@ def in_similarity_space(embeddings: torch.Tensor, similarity: str) -> torch.Tens
     Rows that are already unit vectors (normalising models) are left untouched, bit for bit. Other
     similarities (euclidean, manhattan) are ranked by cosine, with a warning.
     """
-    if similarity not in SIMILARITIES:
-        logger.warning("Similarity %r is not supported by the retrieval evaluation; ranking by cosine instead "
-                       "(the same order as euclidean distance for normalised embeddings).", similarity)
-    if similarity == "dot":
+    if ranking_similarity(similarity) == "dot":
         return embeddings
     unit = ((embeddings.norm(dim=-1) - 1).abs() < 1e-5).unsqueeze(-1)  # (N, 1)
     return torch.where(unit, embeddings, F.normalize(embeddings, dim=-1))
@@ -209,17 +224,17 @@ class MultiRetrievalEvaluator:
         return metrics
 
 
-def load_sentence_transformer(model_name_or_path: str, truncate_dim: int | None = None):
-    """``SentenceTransformer(model_name_or_path)``; a raw decoder LLM folder or id (no SentenceTransformer files) gets
-    what training gives it (``finetune.decoders``: EOS appended, left padding, last-token pooling, normalised)
-    instead of sentence-transformers' default mean pooling."""
+def load_sentence_transformer(model_name_or_path: str, truncate_dim: int | None = None, device: str | None = None):
+    """``SentenceTransformer(model_name_or_path)`` on ``device`` (default: cuda when available); a raw decoder LLM
+    folder or id (no SentenceTransformer files) gets what training gives it (``finetune.decoders``: EOS appended,
+    left padding, last-token pooling, normalised) instead of sentence-transformers' default mean pooling."""
     from sentence_transformers import SentenceTransformer
     from transformers import AutoConfig
 
     from finetune.decoders import is_decoder, prepare_decoder_tokenizer
     from finetune.st_layout import read_sentence_transformer_config
 
-    device = "cuda" if torch.cuda.is_available() else "cpu"
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     if read_sentence_transformer_config(model_name_or_path).pooling is None:
         try:
             decoder = is_decoder(AutoConfig.from_pretrained(model_name_or_path))
@@ -237,22 +252,79 @@ def load_sentence_transformer(model_name_or_path: str, truncate_dim: int | None 
 
 
 def evaluate_model(model_name_or_path: str, dataset: RetrievalSet, *, batch_size: int, max_seq_length: int | None,
-                   show_progress_bar: bool = True, truncate_dim: int | None = None) -> dict:
+                   truncate_dim: int | None = None, shard_dir: str | None = None, shard_size: int = 50_000,
+                   query_block_size: int = 1024, keep_shards: bool = False) -> dict:
     """Retrieval metrics of any SentenceTransformer-loadable model, with its saved ``query``/``document`` prompts
-    and its declared similarity; adds ``seconds``. ``truncate_dim``: evaluate the embeddings cut to that size."""
-    model = load_sentence_transformer(model_name_or_path, truncate_dim)
+    and its declared similarity; adds ``seconds``. ``truncate_dim``: evaluate the embeddings cut to that size.
+
+    The corpus is encoded into fp16 shards of ``shard_size`` documents in ``shard_dir`` (default: a temporary
+    folder) and the queries searched over them in blocks (``finetune.sharded_search``); the folder is removed
+    afterwards unless ``keep_shards``. Under ``accelerate launch`` every process calls this with the same
+    ``shard_dir`` and shares the work; the metrics come back on the main process, ``{}`` on the others.
+    """
+    state = process_state()
+    if shard_dir is None:
+        if state.num_processes > 1:
+            raise ValueError("Several processes need a shard_dir they all see.")
+        import tempfile
+
+        with tempfile.TemporaryDirectory(prefix="finetune-evaluate-") as folder:
+            return evaluate_model(model_name_or_path, dataset, batch_size=batch_size, max_seq_length=max_seq_length,
+                                  truncate_dim=truncate_dim, shard_dir=folder, shard_size=shard_size,
+                                  query_block_size=query_block_size)
+    start = time.perf_counter()
+    model = load_sentence_transformer(model_name_or_path, truncate_dim, device=str(state.device))
     if max_seq_length:
         model.max_seq_length = max_seq_length
+    similarity = ranking_similarity(getattr(model.similarity_fn_name, "value", model.similarity_fn_name) or "cosine")
 
-    def encode(texts: list[str], prompt_name: str) -> torch.Tensor:
+    def encoder(prompt_name: str) -> Callable[[list[str]], torch.Tensor]:
         prompt = prompt_name if prompt_name in model.prompts else None
-        return model.encode(texts, prompt_name=prompt, batch_size=batch_size, convert_to_tensor=True,
-                            show_progress_bar=show_progress_bar).float().cpu()
 
-    start = time.perf_counter()
-    metrics = evaluate_retrieval(lambda texts: encode(texts, "query"), lambda texts: encode(texts, "document"), dataset,
-                                 similarity=getattr(model.similarity_fn_name, "value", model.similarity_fn_name) or "cosine")
+        def encode(texts: list[str]) -> torch.Tensor:  # one batch: (b, D) in the similarity space
+            emb = model.encode(texts, prompt_name=prompt, batch_size=len(texts), convert_to_tensor=True,
+                               show_progress_bar=False)
+            return in_similarity_space(emb.float().cpu(), similarity)
+        return encode
+
+    options = ShardOptions(folder=shard_dir, shard_size=shard_size, query_block_size=query_block_size,
+                           batch_size=batch_size)
+    identity = [path_identity(model_name_or_path), model.max_seq_length, truncate_dim, similarity]
+    query_ids, doc_ids = list(dataset.queries), list(dataset.corpus)
+    doc_row = {doc: row for row, doc in enumerate(doc_ids)}
+    groups_of: dict[str, list[list[str]]] = {}
+    for qid, negatives in dataset.groups:
+        groups_of.setdefault(qid, []).append(negatives)
+    positives_of = {qid: [doc_row[d] for d, rel in dataset.qrels.get(qid, {}).items() if rel > 0] for qid in groups_of}
+    # In-group metrics need each grouped query's scores with its positives, then its groups' negatives.
+    score_rows = [positives_of[qid] + [doc_row[d] for negatives in groups_of[qid] for d in negatives]
+                  if qid in groups_of else [] for qid in query_ids]
+    shards = encode_corpus(encoder("document"), [dataset.corpus[d] for d in doc_ids], options, identity + ["document"],
+                           state)
+    blocks = search_queries(encoder("query"), [dataset.queries[q] for q in query_ids], shards, 100, options,
+                            identity + ["query"], score_rows=score_rows, device=state.device)
+    if not state.is_main_process:
+        return {}
+    run: Run = {}
+    row_scores: dict[str, np.ndarray] = {}
+    for block in read_blocks(blocks, options.query_block_size):
+        for offset, (scores, indices) in enumerate(zip(block.scores.tolist(), block.indices.tolist())):
+            qid = query_ids[block.start + offset]
+            run[qid] = {doc_ids[i]: s for i, s in zip(indices, scores)}
+            if qid in groups_of:
+                row_scores[qid] = block.row_scores[offset]
+    metrics = compute_metrics(run, dataset.qrels)
+    if dataset.groups:
+        reciprocal_ranks, used = [], {qid: len(positives_of[qid]) for qid in groups_of}
+        for qid, negatives in dataset.groups:
+            best_positive = row_scores[qid][:len(positives_of[qid])].max()
+            negative_scores = row_scores[qid][used[qid]:used[qid] + len(negatives)]
+            used[qid] += len(negatives)
+            reciprocal_ranks.append(1.0 / (1 + int((negative_scores > best_positive).sum())))
+        metrics.update(in_group_summary(reciprocal_ranks))
     metrics["seconds"] = time.perf_counter() - start
+    if not keep_shards:
+        remove_parts(options)
     return metrics
 
 

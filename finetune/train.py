@@ -18,10 +18,11 @@ import sys
 import transformers
 
 from finetune.arguments import DataArguments, EmbeddingTrainingArguments, ModelArguments
-from finetune.checkpointing import last_complete_checkpoint
+from finetune.checkpointing import CheckpointWriteError, last_complete_checkpoint
 from finetune.config import ConfigError, launch_defaults, parse_arguments
 from finetune.blend import BlendedTripletDataset, blocks_consumed, blocks_per_dataset
 from finetune.data import TripletCollator
+from finetune.distributed import PeerProcessError, peer_failure_message
 from finetune.hub import HubPushError, SentenceTransformerHubMixin
 from finetune.modeling import EmbeddingModel, ModelLoadError
 from finetune.monitoring import NonFiniteError
@@ -162,7 +163,8 @@ def run(model_args: ModelArguments, data_args: DataArguments, training_args: Emb
     trainer = HubEmbeddingTrainer(model=model, args=training_args, train_dataset=train_dataset,
                                   eval_dataset=eval_dataset, data_collator=TripletCollator(model.tokenizer, pad_multiple),
                                   processing_class=model.tokenizer, evaluator=data.evaluator, objective=data.objective)
-    train_result = trainer.train(resume_from_checkpoint=resume_from)
+    with peer_failure_message(training_args.output_dir, training_args.world_size):
+        train_result = trainer.train(resume_from_checkpoint=resume_from)
     trainer.save_model()
     metrics = dict(train_result.metrics)
     trainer.log_metrics("train", metrics)
@@ -204,7 +206,8 @@ def cli() -> None:
     """Entry point: bad input ends with one clear message and exit code 2, not a traceback."""
     try:
         main()
-    except (DataFormatError, OutputDirError, ConfigError, ModelLoadError, NonFiniteError, FileNotFoundError, HubPushError) as error:
+    except (DataFormatError, OutputDirError, ConfigError, ModelLoadError, NonFiniteError, FileNotFoundError, HubPushError,
+            PeerProcessError, CheckpointWriteError) as error:
         print(f"error: {error}", file=sys.stderr)
         sys.exit(2)
 

@@ -14,8 +14,8 @@ import os
 import torch
 from transformers import Trainer
 
-from finetune.checkpointing import mark_checkpoint_complete, save_staged
-from finetune.data import build_eval_sampler, build_train_sampler
+from finetune.checkpointing import checkpoint_write_guard, mark_checkpoint_complete, save_staged
+from finetune.data import SamplerEpochCallback, build_eval_sampler, build_train_sampler
 from finetune.distributed import check_sharding_support
 from finetune.gradcache import accelerator_chunk_hooks, cached_training_step
 from finetune.monitoring import ComponentMeter, NonFiniteError, NonFiniteGuard  # noqa: F401 (NonFiniteError: API)
@@ -38,6 +38,7 @@ class EmbeddingTrainer(Trainer):
         self.evaluator = evaluator
         self.guard = NonFiniteGuard(self.args)
         self.components = ComponentMeter()
+        self.add_callback(SamplerEpochCallback())  # the resumed epoch's order under several processes
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         query_emb = model(inputs["query_input_ids"], inputs["query_attention_mask"])  # (B, D)
@@ -140,9 +141,10 @@ class EmbeddingTrainer(Trainer):
 
     def _save_checkpoint(self, model, trial) -> None:
         """Save as the Trainer does, then mark the checkpoint complete once every process has written its part."""
-        super()._save_checkpoint(model, trial)
-        self.accelerator.wait_for_everyone()
         folder = os.path.join(self._get_output_dir(trial=trial), f"checkpoint-{self.state.global_step}")
+        with checkpoint_write_guard(folder):  # a failed write (full disk): removed, and a clear error
+            super()._save_checkpoint(model, trial)
+        self.accelerator.wait_for_everyone()
         if self.args.should_save and os.path.isdir(folder):
             mark_checkpoint_complete(folder, self.state.global_step)
 

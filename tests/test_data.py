@@ -266,3 +266,21 @@ def test_example_lengths_are_the_longest_document(tokenizer, train_file):
     assert example_lengths(tokenized) == expected
     subset = tokenized.select([3, 1])
     assert example_lengths(subset) == [expected[3], expected[1]]
+
+
+def test_the_epoch_reaches_the_sampler_under_accelerates_wrappers_of_a_resumed_multi_process_epoch():
+    """SkipBatchSampler(BatchSamplerShard(BatchSampler(ours))): the Trainer's set_epoch does not get through, our
+    callback does (else a resumed epoch under several processes replays epoch 0's order)."""
+    from types import SimpleNamespace
+
+    from accelerate.data_loader import BatchSamplerShard, SkipBatchSampler
+    from torch.utils.data import BatchSampler
+
+    from finetune.data import EpochShuffleSampler, SamplerEpochCallback, epoch_sampler_of
+
+    sampler = EpochShuffleSampler(24, seed=7)
+    wrapped = SkipBatchSampler(BatchSamplerShard(BatchSampler(sampler, 4, False), num_processes=2, process_index=1), 1)
+    dataloader = SimpleNamespace(batch_sampler=wrapped)
+    assert epoch_sampler_of(dataloader) is sampler
+    SamplerEpochCallback().on_epoch_begin(None, SimpleNamespace(epoch=3 + 1 / 3), None, train_dataloader=dataloader)
+    assert sampler.epoch == 3 and next(iter(sampler))[0] == 3

@@ -9,10 +9,10 @@ import torch
 
 from conftest import make_records, write_jsonl
 from data_prep import mine
-from data_prep.mining import MiningSettings, encode_texts, mine_negatives
+from data_prep.mining import MiningSettings, mine_negatives
 from data_prep.records import normalize_text
 from finetune.schema import read_records
-from finetune.search import FaissExactSearch, chunked_topk
+from finetune.search import chunked_topk
 
 
 def random_unit(rows: int, dim: int, seed: int, dtype=torch.float32) -> torch.Tensor:
@@ -35,7 +35,7 @@ def test_chunked_topk_equals_the_full_matrix(k, query_chunk, corpus_chunk, dtype
 def test_faiss_exact_search_equals_the_full_matrix():
     query_emb, corpus_emb = random_unit(37, 16, seed=2), random_unit(101, 16, seed=3, dtype=torch.float16)
     expected_scores, expected_indices = (query_emb @ corpus_emb.float().T).topk(20, dim=1)
-    scores, indices = FaissExactSearch(corpus_emb, corpus_chunk=30).topk(query_emb, 20, query_chunk=8)
+    scores, indices = chunked_topk(query_emb, corpus_emb, 20, query_chunk=8, corpus_chunk=30, use_faiss=True)
     assert torch.equal(indices, expected_indices)
     torch.testing.assert_close(scores, expected_scores, rtol=0, atol=1e-5)
 
@@ -149,9 +149,8 @@ def test_command_matches_a_brute_force_full_matrix(tmp_path, tiny_bert, mining_d
     records, data, extra_path, extra = mining_data
     corpus_texts = list(dict.fromkeys([t for r in records for t in r["pos_doc"] + r["neg_doc"]] + extra))
     model = EmbeddingModel.from_pretrained(tiny_bert)
-    corpus_emb = encode_texts(model, corpus_texts, max_length=256, batch_size=8).double()
-    query_emb = encode_texts(model, [r["question"] for r in records], max_length=64, batch_size=8,
-                             dtype=torch.float32).double()
+    corpus_emb = model.encode(corpus_texts, max_length=256, batch_size=8).half().double()  # mine keeps fp16
+    query_emb = model.encode([r["question"] for r in records], max_length=64, batch_size=8).double()
     full = (query_emb @ corpus_emb.T).numpy()  # (Q, N), the whole matrix
     positives_of = {}
     for r in records:

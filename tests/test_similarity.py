@@ -43,9 +43,7 @@ def test_unnormalised_model_is_evaluated_like_its_normalised_twin(tiny_bert, tmp
         assert ours_raw[name] == pytest.approx(ours_unit[name], abs=1e-6), name
     raw.save_pretrained(str(tmp_path / "raw"))
     unit.save_pretrained(str(tmp_path / "unit"))
-    theirs_raw = evaluate_model(str(tmp_path / "raw"), dataset, batch_size=4, max_seq_length=None,
-                                show_progress_bar=False)
-    theirs_unit = evaluate_model(str(tmp_path / "unit"), dataset, batch_size=4, max_seq_length=None,
-                                 show_progress_bar=False)
+    theirs_raw = evaluate_model(str(tmp_path / "raw"), dataset, batch_size=4, max_seq_length=None)
+    theirs_unit = evaluate_model(str(tmp_path / "unit"), dataset, batch_size=4, max_seq_length=None)
     for name in ("ndcg@10", "mrr@10", "recall@1", "ingroup_mrr"):
         assert theirs_raw[name] == pytest.approx(theirs_unit[name], abs=1e-6), name

@@ -1,12 +1,17 @@
 """Evaluate SentenceTransformer-loadable models on a retrieval set; compare several side by side.
 
     python -m finetune.evaluate --model_name_or_path M [M2 ...] --data PATH [--output_json FILE]
+    accelerate launch -m finetune.evaluate ...   # several processes (GPUs) share the encoding and the search
 
 PATH is a seed-format file/glob (queries = question, corpus = all pos_doc and neg_doc texts of the
 file, qrels = pos_doc) or a BEIR folder (corpus.jsonl, queries.jsonl, qrels/<split>.tsv). Models
 are loaded with sentence-transformers itself, so any Hub id or local folder works, ours included;
 their saved ``query``/``document`` prompts are applied as in training, and documents are ranked by
 the similarity each model declares.
+
+The corpus embeddings go to fp16 shards on disk (--shard_dir, default OUTPUT_JSON.parts/), searched
+exactly one shard at a time; processes share the shards to encode and the query blocks to search, and
+the metrics equal one process's. A rerun after a kill redoes only what is missing.
 
 This folder has no ``__init__.py`` on purpose: ``accelerate launch finetune/train.py`` puts
 ``finetune/`` first on ``sys.path``, and a module named ``evaluate`` there would shadow the
@@ -19,10 +24,13 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
+import tempfile
 
 from finetune.checkpointing import write_json_atomic
 from finetune.evaluation import METRIC_NAMES, evaluate_model, load_retrieval_set
+from finetune.work_blocks import fingerprint
 
 logger = logging.getLogger("finetune.evaluate")
 
@@ -58,6 +66,17 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--truncate_dim", type=int, default=None,
                         help="Evaluate the embeddings cut to their first D dimensions (Matryoshka models; cosine "
                              "re-normalises). Default: the full embedding.")
+    parser.add_argument("--shard_dir", default=None,
+                        help="Folder for the corpus shards (fp16 .npy) and the query blocks' search results, one "
+                             "subfolder per model; the same path for every process. Default: --output_json plus "
+                             ".parts, else a folder in the system's temporary directory named after the arguments.")
+    parser.add_argument("--shard_size", type=int, default=50_000,
+                        help="Documents per corpus shard: the unit of encoding work shared between processes and "
+                             "resumed (default 50000).")
+    parser.add_argument("--query_block_size", type=int, default=1024,
+                        help="Queries encoded and searched at a time: the unit of search work (default 1024).")
+    parser.add_argument("--keep_shards", action="store_true",
+                        help="Keep --shard_dir after success (default: removed).")
     args = parser.parse_args(argv)
     if args.truncate_dim is not None and args.truncate_dim < 1:
         raise ValueError(f"--truncate_dim must be >= 1, got {args.truncate_dim}.")
@@ -65,14 +84,29 @@ def main(argv: list[str] | None = None) -> dict:
 
     dataset = load_retrieval_set(args.data, split=args.split)
     logger.info("%d queries, %d documents", len(dataset.queries), len(dataset.corpus))
+    shard_dir = args.shard_dir or default_shard_dir(args)
     results = {name: evaluate_model(name, dataset, batch_size=args.batch_size, max_seq_length=args.max_seq_length,
-                                    truncate_dim=args.truncate_dim)
-               for name in args.model_name_or_path}
+                                    truncate_dim=args.truncate_dim, shard_dir=os.path.join(shard_dir, f"model-{index}"),
+                                    shard_size=args.shard_size, query_block_size=args.query_block_size,
+                                    keep_shards=args.keep_shards)
+               for index, name in enumerate(args.model_name_or_path)}
+    if not all(results.values()):
+        return {}  # not the main process: it printed and wrote nothing
+    if os.path.isdir(shard_dir) and not os.listdir(shard_dir):
+        os.rmdir(shard_dir)
     print(format_table(results))
     print(json.dumps(results, indent=2))
     if args.output_json:
         write_json_atomic(args.output_json, results, indent=2)
     return results
+
+
+def default_shard_dir(args) -> str:
+    """OUTPUT_JSON.parts, or a folder in the temporary directory that every process of one launch names alike."""
+    if args.output_json:
+        return f"{args.output_json}.parts"
+    key = fingerprint([os.path.abspath(path) for path in args.data], args.model_name_or_path, args.split)
+    return os.path.join(tempfile.gettempdir(), f"finetune-evaluate-{key[:16]}")
 
 
 def cli() -> None:
