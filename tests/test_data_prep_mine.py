@@ -209,6 +209,7 @@ def test_positives_and_their_duplicates_are_never_negatives(tmp_path, tiny_bert,
     # the extra corpus is another text, caught when mining.
     assert report["corpus"] == {"documents": 14 * 4 + 3, "from_data": 14 * 4, "extra": 3, "distinct_questions": 13}
     assert (tmp_path / "mined.report.json").is_file() and (tmp_path / "mined.report.png").stat().st_size > 1000
+    assert not (tmp_path / "mined.jsonl.parts").exists()  # the shards are removed after success
     assert json.loads((tmp_path / "mined.report.json").read_text())["counts"] == report["counts"]
 
 
@@ -276,3 +277,72 @@ def test_a_decoder_mines_what_sentence_transformers_ranks_highest(tmp_path, tiny
         best = scores[q, ranked[:3]]
         chosen = scores[q, [corpus.index(text) for text in record["neg_doc"]]]
         torch.testing.assert_close(chosen, best, atol=1e-3, rtol=0)  # mine keeps the corpus in fp16
+
+
+# ---------------------------------------------------- several processes, and a rerun after a kill (sharded corpus)
+
+
+def sharded_mine_args(tmp_path, tiny_bert) -> list[str]:
+    """20 records, 80 documents: 5 shards of 16, 4 question blocks of 6."""
+    data = write_jsonl(tmp_path / "data.jsonl", make_records(20, num_negatives=3, seed=8))
+    return ["--model_name_or_path", tiny_bert, "--input", data, "--num_negatives", "3", "--batch_size", "4",
+            "--shard_size", "16", "--query_block_size", "6", "--corpus_chunk_size", "10", "--keep_shards"]
+
+
+def comparable(report: dict) -> dict:
+    return {key: value for key, value in report.items() if key not in ("seconds", "output", "plot", "settings")}
+
+
+def test_two_processes_write_what_one_process_writes(tmp_path, tiny_bert):
+    from conftest import launch_two_processes
+
+    common = sharded_mine_args(tmp_path, tiny_bert)
+    one = mine.main([*common, "--output", str(tmp_path / "one.jsonl")])
+    result = launch_two_processes(["-m", "data_prep.mine", *common, "--output", str(tmp_path / "two.jsonl")])
+    logs = result.stdout + result.stderr
+    for expected in ("Process 0 of 2: 80 texts in 5 shards of 16, 0 already encoded; encoding 3 shards here",
+                     "Process 1 of 2: 80 texts in 5 shards of 16, 0 already encoded; encoding 2 shards here",
+                     "Process 0 of 2: 20 queries in 4 blocks of 6, 0 already searched; searching 2 blocks here",
+                     "Process 1 of 2: 20 queries in 4 blocks of 6, 0 already searched; searching 2 blocks here"):
+        assert expected in logs
+    assert (tmp_path / "two.jsonl").read_bytes() == (tmp_path / "one.jsonl").read_bytes()
+    two = json.loads((tmp_path / "two.report.json").read_text())
+    assert comparable(two) == json.loads(json.dumps(comparable(one)))
+    shards = sorted(path.name for path in (tmp_path / "one.jsonl.parts" / "corpus").glob("shard-*.npy"))
+    assert len(shards) == 5
+    for name in shards:  # the embeddings themselves, not only what was chosen from them
+        assert ((tmp_path / "two.jsonl.parts" / "corpus" / name).read_bytes()
+                == (tmp_path / "one.jsonl.parts" / "corpus" / name).read_bytes())
+
+
+def test_a_rerun_after_a_kill_encodes_only_the_missing_shards(tmp_path, tiny_bert, caplog):
+    import logging
+    import os
+    import signal
+    import sys
+
+    from conftest import ROOT, kill_when
+
+    common = sharded_mine_args(tmp_path, tiny_bert)
+    argv = [*common, "--output", str(tmp_path / "killed.jsonl")]
+    corpus = tmp_path / "killed.jsonl.parts" / "corpus"
+    # Each shard takes 0.5 s more, so that the kill lands between the second and the third shard.
+    slow = ("import sys, time; import finetune.embedding_shards as s; encode = s.encode_in_batches; "
+            "s.encode_in_batches = lambda *a, **k: (time.sleep(0.5), encode(*a, **k))[1]; "
+            "from data_prep import mine, records; sys.argv[0] = 'mine'; records.run_cli(mine.main)")
+    returncode = kill_when([sys.executable, "-c", slow, *argv], corpus / "shard-0000001.npy",
+                           {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)})
+    assert returncode == -signal.SIGKILL, "the run ended before it could be killed"
+    finished = sorted(corpus.glob("shard-*.npy"))
+    assert [path.name for path in finished] == ["shard-0000000.npy", "shard-0000001.npy"]
+    assert not (tmp_path / "killed.jsonl").exists()
+    written = {path.name: path.stat().st_mtime_ns for path in finished}
+
+    caplog.set_level(logging.INFO, logger="finetune.embedding_shards")
+    mine.main(argv)
+    assert "80 texts in 5 shards of 16, 2 already encoded; encoding 3 shards here" in caplog.text
+    assert {name: (corpus / name).stat().st_mtime_ns for name in written} == written  # not encoded again
+    mine.main([*common, "--output", str(tmp_path / "straight.jsonl")])
+    assert (tmp_path / "killed.jsonl").read_bytes() == (tmp_path / "straight.jsonl").read_bytes()
+    for name in written:
+        assert (corpus / name).read_bytes() == (tmp_path / "straight.jsonl.parts" / "corpus" / name).read_bytes()
