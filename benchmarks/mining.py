@@ -8,8 +8,10 @@ sentence-transformers' relative_margin 0.05, one max_seq_length). Each run is a 
 (ru_maxrss) is its own; times are end to end (model load, encoding, search, filtering, writing). Prints
 throughput and peak-memory ratios and the overlap of the chosen negatives.
 
-Then the memory scaling of our search + filter alone (random unit vectors, no model): peak RSS at two corpus
-sizes and two query counts, next to the size of the (queries x corpus) score matrix that is never built.
+Then the memory scaling of our search + filter alone (random unit vectors, no model, the corpus in memory as
+``mining.mine_negatives`` keeps it): peak RSS at two corpus sizes and two query counts, next to the size of the
+(queries x corpus) score matrix that is never built. The on-disk shards of ``data_prep.mine``:
+benchmarks/sharded_search.py.
 Differences from sentence-transformers by design: our ranks count positives (theirs skip them), and we also drop
 case/spacing variants of positives; both rarely matter for top-k negatives.
 """
@@ -91,7 +93,8 @@ def child_sentence_transformers(args) -> dict:
 
 
 def child_scaling(args) -> dict:
-    """Our search + filter on random unit vectors: corpus stored fp16, queries fp32, as ``data_prep.mine`` does."""
+    """Our search + filter on random unit vectors, corpus in memory (fp16), queries fp32: ``mine_negatives``.
+    (``data_prep.mine`` keeps the corpus in fp16 shards on disk: benchmarks/sharded_search.py.)"""
     import torch
 
     from data_prep.mining import MiningSettings, mine_negatives

@@ -12,10 +12,11 @@ positive - |positive| x (1 - max_score_ratio) (NV-Retriever's TopK-PercPos), or 
 are dropped.
 
 The corpus embeddings go to disk, fp16 shards of --shard_size documents in --shard_dir (default
-OUTPUT.parts/), memory-mapped one at a time by the search: the memory for embeddings and scores does
-not grow with the corpus nor with corpus x queries (the texts themselves are held in memory). Processes share the shards to encode and the question blocks to search
-(finetune.sharded_search); the output equals one process's byte for byte. A rerun after a kill
-redoes only the missing shards and blocks; the folder is removed after success (--keep_shards keeps it).
+OUTPUT.parts/), memory-mapped one at a time by the search: memory for embeddings and scores does not
+grow with the corpus nor with corpus x queries (the texts themselves are held in memory). Processes
+share the shards to encode and the question blocks to search (finetune.sharded_search); the output
+equals one process's byte for byte. A rerun after a kill redoes only the missing shards and blocks;
+the folder is removed after success (--keep_shards keeps it).
 
 Writes the seed format (atomically), a JSON report (counts, fraction dropped, score statistics, counts per
 reason, the most suspicious dropped candidates to read) and a PNG plot of the score distributions.
@@ -252,8 +253,37 @@ def build_corpus(records: list[dict], extra_files: list[str]) -> tuple[dict[str,
     return corpus, from_data
 
 
+def search_candidates(args, corpus_texts: list[str], questions: list[str], positive_indices: list[list[int]], k: int,
+                      state) -> tuple[ShardOptions, list[str], float]:
+    """Encode the corpus into shards, then search every question over them, sharing both over the processes.
+
+    Returns the options, the paths of the question blocks' results (top ``k`` and the scores of each question's
+    positives) and the time the corpus encoding ended.
+    """
+    from finetune.modeling import EmbeddingModel
+
+    model = EmbeddingModel.from_pretrained(args.model_name_or_path, padding_free=True)  # same vectors, no padding work
+    model.to(state.device)
+    query_side = TextSide(args.query_prefix, args.query_max_length)
+    document_side = TextSide(args.passage_prefix, args.passage_max_length)
+    options = ShardOptions(folder=args.shard_dir or f"{args.output}.parts", shard_size=args.shard_size,
+                           query_block_size=args.query_block_size, batch_size=args.batch_size,
+                           corpus_chunk=args.corpus_chunk_size, use_faiss=args.use_faiss)
+    model_identity = path_identity(args.model_name_or_path)
+
+    def encoder(side: TextSide):
+        return lambda texts: model.encode(texts, side, batch_size=len(texts))  # one batch of encode_in_batches
+
+    shards = encode_corpus(encoder(document_side), corpus_texts, options, [model_identity, asdict(document_side)],
+                           state)
+    encoded = time.perf_counter()
+    blocks = search_queries(encoder(query_side), questions, shards, k, options, [model_identity, asdict(query_side)],
+                            score_rows=positive_indices, device=state.device)
+    return options, blocks, encoded
+
+
 def main(argv: list[str] | None = None) -> dict:
-    """Returns the report that is also written to --report."""
+    """Returns the report that is also written to --report (on the main process; ``{}`` on the others)."""
     args = build_parser().parse_args(argv)
     setup_logging()
     settings = MiningSettings(num_negatives=args.num_negatives, range_min=args.range_min, range_max=args.range_max,
@@ -279,26 +309,9 @@ def main(argv: list[str] | None = None) -> dict:
     logger.info("%d records, %d distinct questions, corpus of %d documents (%d from the data, %d extra)",
                 len(records), len(question_positives), len(corpus_texts), from_data, len(corpus_texts) - from_data)
 
-    from finetune.modeling import EmbeddingModel
-
-    model = EmbeddingModel.from_pretrained(args.model_name_or_path, padding_free=True)  # same vectors, no padding work
-    model.to(state.device)
-    query_side = TextSide(args.query_prefix, args.query_max_length)
-    document_side = TextSide(args.passage_prefix, args.passage_max_length)
-    options = ShardOptions(folder=args.shard_dir or f"{args.output}.parts", shard_size=args.shard_size,
-                           query_block_size=args.query_block_size, batch_size=args.batch_size,
-                           corpus_chunk=args.corpus_chunk_size, use_faiss=args.use_faiss)
-    model_identity = path_identity(args.model_name_or_path)
-
-    def encoder(side: TextSide):
-        return lambda texts: model.encode(texts, side, batch_size=len(texts))  # one batch of encode_in_batches
-
-    shards = encode_corpus(encoder(document_side), corpus_texts, options, [model_identity, asdict(document_side)], state)
-    encoded = time.perf_counter()
     positive_indices = [question_positives[record[QUESTION]] for record in records]
-    blocks = search_queries(encoder(query_side), [record[QUESTION] for record in records], shards, settings.range_max,
-                            options, [model_identity, asdict(query_side)], score_rows=positive_indices,
-                            device=state.device)
+    options, blocks, encoded = search_candidates(args, corpus_texts, [record[QUESTION] for record in records],
+                                                 positive_indices, settings.range_max, state)
     searched = time.perf_counter()
     if not state.is_main_process:
         return {}  # the main process selects and writes

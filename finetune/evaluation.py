@@ -251,6 +251,31 @@ def load_sentence_transformer(model_name_or_path: str, truncate_dim: int | None 
     return SentenceTransformer(model_name_or_path, device=device, truncate_dim=truncate_dim)
 
 
+def in_group_rows(dataset: RetrievalSet, doc_row: dict[str, int]) -> dict[str, list[int]]:
+    """Per query with groups: the corpus rows of its positives, then of each of its groups' negatives in
+    ``dataset.groups`` order (the layout ``in_group_metrics_from_rows`` reads)."""
+    rows: dict[str, list[int]] = {}
+    for qid, _ in dataset.groups:
+        rows.setdefault(qid, [doc_row[d] for d, rel in dataset.qrels.get(qid, {}).items() if rel > 0])
+    for qid, negatives in dataset.groups:
+        rows[qid].extend(doc_row[d] for d in negatives)
+    return rows
+
+
+def in_group_metrics_from_rows(dataset: RetrievalSet, row_scores: dict[str, np.ndarray]) -> dict[str, float]:
+    """``in_group_metrics`` from each grouped query's scores with the rows of ``in_group_rows``."""
+    if not dataset.groups:
+        return {}
+    positives = {qid: sum(rel > 0 for rel in dataset.qrels.get(qid, {}).values()) for qid, _ in dataset.groups}
+    used, reciprocal_ranks = dict(positives), []
+    for qid, negatives in dataset.groups:
+        best_positive = row_scores[qid][:positives[qid]].max()
+        above = int((row_scores[qid][used[qid]:used[qid] + len(negatives)] > best_positive).sum())
+        used[qid] += len(negatives)
+        reciprocal_ranks.append(1.0 / (1 + above))
+    return in_group_summary(reciprocal_ranks)
+
+
 def evaluate_model(model_name_or_path: str, dataset: RetrievalSet, *, batch_size: int, max_seq_length: int | None,
                    truncate_dim: int | None = None, shard_dir: str | None = None, shard_size: int = 50_000,
                    query_block_size: int = 1024, keep_shards: bool = False) -> dict:
@@ -291,18 +316,12 @@ def evaluate_model(model_name_or_path: str, dataset: RetrievalSet, *, batch_size
                            batch_size=batch_size)
     identity = [path_identity(model_name_or_path), model.max_seq_length, truncate_dim, similarity]
     query_ids, doc_ids = list(dataset.queries), list(dataset.corpus)
-    doc_row = {doc: row for row, doc in enumerate(doc_ids)}
-    groups_of: dict[str, list[list[str]]] = {}
-    for qid, negatives in dataset.groups:
-        groups_of.setdefault(qid, []).append(negatives)
-    positives_of = {qid: [doc_row[d] for d, rel in dataset.qrels.get(qid, {}).items() if rel > 0] for qid in groups_of}
-    # In-group metrics need each grouped query's scores with its positives, then its groups' negatives.
-    score_rows = [positives_of[qid] + [doc_row[d] for negatives in groups_of[qid] for d in negatives]
-                  if qid in groups_of else [] for qid in query_ids]
+    group_rows = in_group_rows(dataset, {doc: row for row, doc in enumerate(doc_ids)})
     shards = encode_corpus(encoder("document"), [dataset.corpus[d] for d in doc_ids], options, identity + ["document"],
                            state)
     blocks = search_queries(encoder("query"), [dataset.queries[q] for q in query_ids], shards, 100, options,
-                            identity + ["query"], score_rows=score_rows, device=state.device)
+                            identity + ["query"], score_rows=[group_rows.get(qid, []) for qid in query_ids],
+                            device=state.device)
     if not state.is_main_process:
         return {}
     run: Run = {}
@@ -311,17 +330,10 @@ def evaluate_model(model_name_or_path: str, dataset: RetrievalSet, *, batch_size
         for offset, (scores, indices) in enumerate(zip(block.scores.tolist(), block.indices.tolist())):
             qid = query_ids[block.start + offset]
             run[qid] = {doc_ids[i]: s for i, s in zip(indices, scores)}
-            if qid in groups_of:
+            if qid in group_rows:
                 row_scores[qid] = block.row_scores[offset]
     metrics = compute_metrics(run, dataset.qrels)
-    if dataset.groups:
-        reciprocal_ranks, used = [], {qid: len(positives_of[qid]) for qid in groups_of}
-        for qid, negatives in dataset.groups:
-            best_positive = row_scores[qid][:len(positives_of[qid])].max()
-            negative_scores = row_scores[qid][used[qid]:used[qid] + len(negatives)]
-            used[qid] += len(negatives)
-            reciprocal_ranks.append(1.0 / (1 + int((negative_scores > best_positive).sum())))
-        metrics.update(in_group_summary(reciprocal_ranks))
+    metrics.update(in_group_metrics_from_rows(dataset, row_scores))
     metrics["seconds"] = time.perf_counter() - start
     if not keep_shards:
         remove_parts(options)

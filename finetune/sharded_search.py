@@ -3,7 +3,7 @@
     options = ShardOptions(folder="out.parts")
     shards = encode_corpus(encode_documents, doc_texts, options, identity, state)      # 1. fp16 shards on disk
     blocks = search_queries(encode_queries, query_texts, shards, k, options, identity)  # 2. top-k per query block
-    for block in read_blocks(blocks): ...                                               # 3. one process reads them
+    for block in read_blocks(blocks, options.query_block_size): ...                     # 3. one process reads them
 
 1. The corpus is encoded into fixed-size fp16 shards (``finetune.embedding_shards``).
 2. Queries are cut into blocks of ``query_block_size``; each block's process encodes it (fp32),
@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import logging
 import os
+import shutil
 from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass
 
@@ -85,7 +86,7 @@ def search_queries(encode: Encode, texts: list[str], shards: EmbeddingShards, k:
     """
     state = shards.parts.state
     key = fingerprint("queries", shards.parts.fingerprint, identity, k, options.settings(), texts_digest(texts),
-                      None if score_rows is None else [list(rows) for rows in score_rows])
+                      None if score_rows is None else texts_digest(" ".join(map(str, rows)) for rows in score_rows))
     parts = PartsFolder(os.path.join(options.folder, "queries"), key, state, name="block", ext=".npz")
     size = options.query_block_size
     count = -(-len(texts) // size)
@@ -101,8 +102,8 @@ def search_queries(encode: Encode, texts: list[str], shards: EmbeddingShards, k:
         asked = [[]] * len(query_emb) if score_rows is None else score_rows[start:start + size]
         rows = shards.rows([row for rows_of in asked for row in rows_of]).float()  # (R, D), one read per shard
         counts = [len(rows_of) for rows_of in asked]
-        query_cpu = query_emb.cpu()
-        row_scores = [rows[end - count:end] @ query_cpu[q] for q, (count, end) in enumerate(zip(counts, np.cumsum(counts)))]
+        ends, query_cpu = np.cumsum(counts), query_emb.cpu()
+        row_scores = [rows[end - count:end] @ query_cpu[q] for q, (count, end) in enumerate(zip(counts, ends))]
         with atomic_write(parts.part(index), binary=True) as handle:
             np.savez(handle, scores=scores.cpu().numpy(), indices=indices.cpu().numpy(),
                      row_scores=torch.cat(row_scores).numpy() if row_scores else np.empty(0, np.float32),
@@ -125,8 +126,6 @@ def read_blocks(paths: list[str], query_block_size: int) -> Iterator[SearchedBlo
 
 def remove_parts(options: ShardOptions) -> None:
     """Delete the corpus/ and queries/ parts, and the folder when nothing else is left in it."""
-    import shutil
-
     for name in ("corpus", "queries"):
         shutil.rmtree(os.path.join(options.folder, name), ignore_errors=True)
     if os.path.isdir(options.folder) and not os.listdir(options.folder):

@@ -157,3 +157,22 @@ def test_in_group_metrics_by_hand():
     metrics = in_group_metrics(query_emb, corpus_emb, {"q0": 0, "q1": 1}, {"p0": 0, "p1": 1, "n0": 2, "n1": 3}, dataset)
     # q0: p0 (0.9) beats n0 (0.2), n1 (0.1) -> 1; q1: p1 (0.5) below n0 (0.8) and n1 (0.95) -> 1/3.
     assert metrics == pytest.approx({"ingroup_accuracy": 0.5, "ingroup_mrr": (1 + 1 / 3) / 2})
+
+
+def test_in_group_metrics_from_scored_rows_equal_the_in_memory_ones():
+    """finetune.evaluate scores each grouped query's rows while searching (sharded); same metrics as in memory."""
+    from finetune.evaluation import RetrievalSet, in_group_metrics, in_group_metrics_from_rows, in_group_rows
+
+    corpus = {f"d{i}": "" for i in range(12)}
+    dataset = RetrievalSet(queries={"q0": "", "q1": "", "q2": ""}, corpus=corpus,
+                           qrels={"q0": {"d0": 1, "d1": 1, "d9": 0}, "q1": {"d2": 1}, "q2": {"d3": 1}},
+                           groups=[("q0", ["d4", "d5"]), ("q1", ["d6", "d7", "d8"]), ("q0", ["d10", "d11", "d2"])])
+    generator = torch.Generator().manual_seed(4)
+    query_emb, corpus_emb = torch.randn(3, 5, generator=generator), torch.randn(12, 5, generator=generator)
+    query_index, doc_index = {f"q{i}": i for i in range(3)}, {d: i for i, d in enumerate(corpus)}
+    rows = in_group_rows(dataset, doc_index)
+    assert rows == {"q0": [0, 1, 4, 5, 10, 11, 2], "q1": [2, 6, 7, 8]}
+    row_scores = {qid: (corpus_emb[r] @ query_emb[query_index[qid]]).numpy() for qid, r in rows.items()}
+    expected = in_group_metrics(query_emb, corpus_emb, query_index, doc_index, dataset)
+    assert 0 < expected["ingroup_mrr"] < 1
+    assert in_group_metrics_from_rows(dataset, row_scores) == pytest.approx(expected, abs=1e-12)

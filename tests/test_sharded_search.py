@@ -152,3 +152,20 @@ def test_search_over_shards_equals_the_in_memory_search_for_any_process_count(tm
     row_scores = [scores for block in blocks for scores in block.row_scores]
     for q, rows in enumerate(score_rows):
         np.testing.assert_allclose(row_scores[q], (corpus.half().float()[rows] @ queries[q]).numpy(), atol=1e-6)
+
+
+def test_a_rerun_searches_only_the_missing_query_blocks(tmp_path):
+    encoder = RecordingEncoder()
+    options = ShardOptions(folder=str(tmp_path), shard_size=10, query_block_size=3, batch_size=4)
+    queries = [f"query {i}" for i in range(8)]
+
+    def work(state):
+        shards = encode_corpus(encoder, TEXTS, options, "encoder", state)
+        return search_queries(encoder, queries, shards, 4, options, "encoder")
+
+    first = [block.indices for block in read_blocks(as_processes(1, work)[0], 3)]
+    (tmp_path / "queries" / "block-0000001.npz").unlink()
+    encoder.batches.clear()
+    again = [block.indices for block in read_blocks(as_processes(2, work)[0], 3)]
+    assert encoder.batches == [sorted(queries[3:6], key=len, reverse=True)]  # no shard, one query block
+    assert all(np.array_equal(a, b) for a, b in zip(first, again))
