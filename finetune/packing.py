@@ -42,8 +42,11 @@ PACKED_ATTENTION = "finetune_packed_sdpa"
 # this equals the padded forward, which numbers left-padded tokens from the row's first slot).
 PADDING_FREE_MODEL_TYPES = {"bert": "row", "roberta": "count", "xlm-roberta": "count", "camembert": "count",
                             **{family: "sequence" for family in ("qwen2", "qwen3", "llama", "mistral", "gemma", "phi3")}}
-# Set while a packed forward runs: the (N, N) mask transformers would build for the pack is not needed.
-_PACKED_FORWARD = contextvars.ContextVar("finetune_packed_forward", default=False)
+# The layout of the packed forward that is running (None otherwise). Attention reads it from here, not from a
+# keyword through the model, so a compiled model sees only the packed tensors (``--torch_compile``: no guard on
+# each batch's layout); and the (N, N) mask transformers would build for the pack is skipped while it is set.
+_PACKED_LAYOUT: contextvars.ContextVar["PackedLayout | None"] = contextvars.ContextVar("finetune_packed_layout",
+                                                                                      default=None)
 MAX_ATTENTION_GROUPS = 16  # more groups: less attention padding, more (small) SDPA calls; 16 measured best on CPU
 MIN_GROUP_SIZE = 4
 
@@ -142,6 +145,7 @@ def unpack(packed: torch.Tensor, layout: PackedLayout) -> torch.Tensor:
     return padded.index_copy(0, layout.token_index, packed).view(layout.batch_size, layout.seq_len, -1)
 
 
+@torch.compiler.disable
 def packed_attention(module: nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                      attention_mask: torch.Tensor | None, dropout: float = 0.0, scaling: float | None = None,
                      **kwargs) -> tuple[torch.Tensor, None]:
@@ -149,10 +153,10 @@ def packed_attention(module: nn.Module, query: torch.Tensor, key: torch.Tensor, 
 
     Causal when the model says so (``is_causal`` keyword, else the module's ``is_causal``): each group is
     right-padded, so SDPA's causal mask alone keeps every real query off later tokens and pads. Without a
-    ``packed_layout`` keyword (an ordinary padded call) it is plain SDPA, so a model switched to it still
+    packed forward running (an ordinary padded call) it is plain SDPA, so a model switched to it still
     works for any caller.
     """
-    layout: PackedLayout | None = kwargs.pop("packed_layout", None)
+    layout = _PACKED_LAYOUT.get()
     if layout is None:
         from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
@@ -209,7 +213,7 @@ def packed_or_sdpa_mask(*args, **kwargs):
     SDPA's otherwise."""
     from transformers.masking_utils import sdpa_mask
 
-    return None if _PACKED_FORWARD.get() else sdpa_mask(*args, **kwargs)
+    return None if _PACKED_LAYOUT.get() is not None else sdpa_mask(*args, **kwargs)
 
 
 def register_packed_attention() -> None:
@@ -246,17 +250,37 @@ def position_rule_for(encoder: nn.Module, max_length: int | None = None) -> str 
     return PADDING_FREE_MODEL_TYPES.get(getattr(config, "model_type", None))
 
 
+@torch.compiler.disable
+def _enter_packed(input_ids: torch.Tensor, attention_mask: torch.Tensor, position_rule: str, padding_idx: int):
+    """Pack and make the layout current (outside ``torch.compile``: lengths go to the host)."""
+    packed_ids, position_ids, layout = pack(input_ids, attention_mask, position_rule, padding_idx)
+    return packed_ids, position_ids, _PACKED_LAYOUT.set(layout)
+
+
+@torch.compiler.disable
+def _exit_packed(hidden: torch.Tensor, token) -> torch.Tensor:
+    """Unpack ``hidden`` (N, D) with the current layout, then restore the previous one."""
+    try:
+        return unpack(hidden, _PACKED_LAYOUT.get())
+    finally:
+        _PACKED_LAYOUT.reset(token)
+
+
 def encode_packed(encoder: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor,
                   position_rule: str) -> torch.Tensor:
-    """Token states ``(B, T, D)`` (zeros at padding) computed on the real tokens only."""
+    """Token states ``(B, T, D)`` (zeros at padding) computed on the real tokens only.
+
+    Under ``torch.compile`` only the encoder's own layers are compiled, on ``(1, N)`` packed tensors (N varies,
+    so it becomes a dynamic dimension); packing, unpacking and the per-sequence attention run eagerly.
+    """
     padding_idx = getattr(encoder.config, "pad_token_id", 0) or 0
-    packed_ids, position_ids, layout = pack(input_ids, attention_mask, position_rule, padding_idx)
-    token = _PACKED_FORWARD.set(True)
+    packed_ids, position_ids, token = _enter_packed(input_ids, attention_mask, position_rule, padding_idx)
     try:
-        hidden = encoder(input_ids=packed_ids, position_ids=position_ids, packed_layout=layout).last_hidden_state
-    finally:
-        _PACKED_FORWARD.reset(token)
-    return unpack(hidden[0], layout)
+        hidden = encoder(input_ids=packed_ids, position_ids=position_ids).last_hidden_state
+    except BaseException:
+        _PACKED_LAYOUT.reset(token)
+        raise
+    return _exit_packed(hidden[0], token)
 
 
 def enable_padding_free(encoder: nn.Module, max_length: int | None = None) -> str | None:

@@ -143,9 +143,8 @@ def run(model_args: ModelArguments, data_args: DataArguments, training_args: Emb
     data = build_training_data(raw, data_args, training_args, model.tokenizer)
     train_dataset, eval_dataset = data.train, data.validation
     if training_args.torch_compile and model.position_rule is not None:
-        logger.warning("--torch_compile with padding-free encoding recompiles for every new packed length (measured "
-                       "about 100x slower over the first steps on CPU); prefer --torch_compile false, or "
-                       "--padding_free false with --train_sampling_strategy group_by_length.")
+        logger.info("--torch_compile with padding-free encoding: the encoder's layers compile once for a dynamic "
+                    "packed length; packing and per-sequence attention run eagerly (docs/performance.md).")
 
     logger.info("Model %s (pooling=%s, normalize=%s); %d training and %d validation queries; %d hard negatives each.",
                 model_args.model_name_or_path, model.pooling, model.normalize, len(train_dataset),

@@ -64,8 +64,8 @@ NOTES = {
     "train_sampling_strategy": "This project: `random` (a seeded permutation per epoch), `group_by_length` (batches "
                                "of similar length, see [Performance](performance.md)) or `sequential`; other values "
                                "are refused.",
-    "torch_compile": "This project: see [Performance](performance.md) (with padding-free encoding every step "
-                     "recompiles).",
+    "torch_compile": "This project: see [Performance](performance.md) (padding-free encoding compiles a few graphs "
+                     "for a dynamic packed length; no gain measured on CPU).",
     "optim": "This project: the default is already the fused AdamW.",
     "gradient_accumulation_steps": "This project: derived from `--global_batch_size` when that is set; accumulation "
                                    "does not add negatives (see [Scaling](scaling.md)).",

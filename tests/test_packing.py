@@ -259,3 +259,23 @@ def test_the_flash_varlen_branch_gets_the_packs_sequence_boundaries(attention, t
         reference = masked(padded_model(input_ids=input_ids, attention_mask=mask).last_hidden_state, mask)
         result = packing.encode_packed(packed_model, input_ids, mask, rule)
     torch.testing.assert_close(result, reference, atol=1e-5, rtol=1e-5)
+
+
+def test_compiled_padding_free_model_compiles_a_few_graphs_not_one_per_batch(tiny_bert):
+    """--torch_compile with padding-free encoding: packing and the per-sequence attention stay out of the graph,
+    the encoder's layers see (1, N) tensors with N dynamic, so new packed lengths reuse the compiled graphs;
+    the vectors equal the eager model's."""
+    import torch._dynamo
+    from torch._dynamo.utils import counters
+
+    torch._dynamo.reset()
+    counters.clear()
+    model = EmbeddingModel.from_pretrained(tiny_bert, padding_free=True).eval()
+    compiled = torch.compile(model)
+    graphs = []
+    with torch.no_grad():
+        for seed, (batch_size, seq_len) in enumerate([(8, 12), (8, 17), (6, 23), (10, 9), (8, 31), (12, 14)]):
+            input_ids, mask = random_batch(batch_size, seq_len, vocab=200, seed=seed)
+            torch.testing.assert_close(compiled(input_ids, mask), model(input_ids, mask), atol=1e-5, rtol=1e-4)
+            graphs.append(counters["stats"]["unique_graphs"])
+    assert graphs[2] > 0 and graphs[-1] == graphs[2], graphs  # nothing new compiled after the first new lengths
