@@ -42,9 +42,10 @@ PACKED_ATTENTION = "finetune_packed_sdpa"
 # this equals the padded forward, which numbers left-padded tokens from the row's first slot).
 PADDING_FREE_MODEL_TYPES = {"bert": "row", "roberta": "count", "xlm-roberta": "count", "camembert": "count",
                             **{family: "sequence" for family in ("qwen2", "qwen3", "llama", "mistral", "gemma", "phi3")}}
-# The layout of the packed forward that is running (None otherwise). Attention reads it from here, not from a
-# keyword through the model, so a compiled model sees only the packed tensors (``--torch_compile``: no guard on
-# each batch's layout); and the (N, N) mask transformers would build for the pack is skipped while it is set.
+# The layout of the packed forward that is running (None otherwise): unpacking reads it, and the (N, N) mask
+# transformers would build for the pack is skipped while it is set. Attention gets the sequence lengths as a
+# tensor keyword instead (``packed_lengths``): a compiled model then sees only tensors (no guard on each batch's
+# layout), and gradient checkpointing replays the keyword when it recomputes a layer in the backward pass.
 _PACKED_LAYOUT: contextvars.ContextVar["PackedLayout | None"] = contextvars.ContextVar("finetune_packed_layout",
                                                                                       default=None)
 MAX_ATTENTION_GROUPS = 16  # more groups: less attention padding, more (small) SDPA calls; 16 measured best on CPU
@@ -71,17 +72,19 @@ class AttentionGroup:
 class PackedLayout:
     """Where each packed token came from and how attention regroups it.
 
-    ``token_index``: (N,) flat indices into the padded ``B * T`` batch, row-major;
+    ``token_index``: (N,) flat indices into the padded ``B * T`` batch, row-major (None, and ``seq_len`` 0, in
+    a layout rebuilt from the lengths for attention only);
     ``restore``: (N,) order that turns the concatenated group outputs back into packed order.
     """
 
-    token_index: torch.Tensor
+    token_index: torch.Tensor | None
     batch_size: int
     seq_len: int
     groups: list[AttentionGroup]
     restore: torch.Tensor
     cu_seqlens: torch.Tensor  # (B + 1,) int32 start of each sequence in the pack, then N (flash-attn varlen)
     max_length: int
+    lengths: torch.Tensor  # (B,) real tokens per sequence, in packed order
 
 
 def _attention_groups(lengths: torch.Tensor, starts: torch.Tensor) -> tuple[list[AttentionGroup], torch.Tensor]:
@@ -131,12 +134,28 @@ def pack(input_ids: torch.Tensor, attention_mask: torch.Tensor, position_rule: s
         raise ValueError(f"Unknown position rule {position_rule!r}.")
     packed_ids = input_ids.reshape(-1)[token_index].unsqueeze(0)
     position_ids = positions.reshape(-1)[token_index].unsqueeze(0)
-    lengths = real.sum(dim=1)  # (B,)
+    layout = attention_layout(real.sum(dim=1))
+    layout.token_index, layout.seq_len = token_index, seq_len
+    return packed_ids, position_ids, layout
+
+
+def attention_layout(lengths: torch.Tensor) -> PackedLayout:
+    """The attention part of a layout (groups, restore order, cumulative lengths) from the lengths (B,) alone."""
     starts = torch.cumsum(lengths, dim=0) - lengths
     groups, restore = _attention_groups(lengths, starts)
     cu_seqlens = F.pad(torch.cumsum(lengths, dim=0), (1, 0)).to(torch.int32)
-    return packed_ids, position_ids, PackedLayout(token_index, batch_size, seq_len, groups, restore, cu_seqlens,
-                                                  max(g.length for g in groups))
+    return PackedLayout(None, len(lengths), 0, groups, restore, cu_seqlens, max(g.length for g in groups), lengths)
+
+
+_LAST_LAYOUT: list = [None, None]  # (lengths tensor, its layout): every layer of one forward reuses it
+
+
+def layout_for(lengths: torch.Tensor) -> PackedLayout:
+    """The layout of these lengths: the current pack's, or rebuilt (a layer recomputed by gradient checkpointing
+    after another forward)."""
+    if _LAST_LAYOUT[0] is not lengths:
+        _LAST_LAYOUT[:] = [lengths, attention_layout(lengths)]
+    return _LAST_LAYOUT[1]
 
 
 def unpack(packed: torch.Tensor, layout: PackedLayout) -> torch.Tensor:
@@ -156,12 +175,13 @@ def packed_attention(module: nn.Module, query: torch.Tensor, key: torch.Tensor, 
     packed forward running (an ordinary padded call) it is plain SDPA, so a model switched to it still
     works for any caller.
     """
-    layout = _PACKED_LAYOUT.get()
-    if layout is None:
+    lengths = kwargs.pop("packed_lengths", None)
+    if lengths is None:
         from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
                                       **kwargs)
+    layout = layout_for(lengths)
     causal = kwargs.pop("is_causal", None)
     causal = getattr(module, "is_causal", False) if causal is None else causal
     window = kwargs.pop("sliding_window", None)
@@ -254,7 +274,8 @@ def position_rule_for(encoder: nn.Module, max_length: int | None = None) -> str 
 def _enter_packed(input_ids: torch.Tensor, attention_mask: torch.Tensor, position_rule: str, padding_idx: int):
     """Pack and make the layout current (outside ``torch.compile``: lengths go to the host)."""
     packed_ids, position_ids, layout = pack(input_ids, attention_mask, position_rule, padding_idx)
-    return packed_ids, position_ids, _PACKED_LAYOUT.set(layout)
+    _LAST_LAYOUT[:] = [layout.lengths, layout]
+    return packed_ids, position_ids, layout.lengths, _PACKED_LAYOUT.set(layout)
 
 
 @torch.compiler.disable
@@ -274,9 +295,9 @@ def encode_packed(encoder: nn.Module, input_ids: torch.Tensor, attention_mask: t
     so it becomes a dynamic dimension); packing, unpacking and the per-sequence attention run eagerly.
     """
     padding_idx = getattr(encoder.config, "pad_token_id", 0) or 0
-    packed_ids, position_ids, token = _enter_packed(input_ids, attention_mask, position_rule, padding_idx)
+    packed_ids, position_ids, lengths, token = _enter_packed(input_ids, attention_mask, position_rule, padding_idx)
     try:
-        hidden = encoder(input_ids=packed_ids, position_ids=position_ids).last_hidden_state
+        hidden = encoder(input_ids=packed_ids, position_ids=position_ids, packed_lengths=lengths).last_hidden_state
     except BaseException:
         _PACKED_LAYOUT.reset(token)
         raise

@@ -279,3 +279,25 @@ def test_compiled_padding_free_model_compiles_a_few_graphs_not_one_per_batch(tin
             torch.testing.assert_close(compiled(input_ids, mask), model(input_ids, mask), atol=1e-5, rtol=1e-4)
             graphs.append(counters["stats"]["unique_graphs"])
     assert graphs[2] > 0 and graphs[-1] == graphs[2], graphs  # nothing new compiled after the first new lengths
+
+
+def test_padding_free_with_gradient_checkpointing_equals_padded(tiny_qwen3):
+    """A checkpointed layer is recomputed in the backward pass, after the forward's packed layout was put away; the
+    layout travels as a keyword (the lengths), so the recomputation is the same packed forward."""
+    torch.manual_seed(0)
+    padded = EmbeddingModel.from_pretrained(tiny_qwen3)
+    packed = EmbeddingModel.from_pretrained(tiny_qwen3, padding_free=True)
+    packed.gradient_checkpointing_enable({"use_reentrant": False})
+    padded.train(), packed.train()
+    texts = ["alpha beta gamma", "a longer text about rivers and mountains and the sea", "x"]
+    batch = packed.tokenizer(texts, padding=True, return_tensors="pt")
+    other = packed.tokenizer(texts[:2], padding=True, return_tensors="pt")
+    packed_emb = packed(batch["input_ids"], batch["attention_mask"])
+    packed(other["input_ids"], other["attention_mask"])  # another forward in between, as queries then documents
+    padded_emb = padded(batch["input_ids"], batch["attention_mask"])
+    torch.testing.assert_close(packed_emb, padded_emb, atol=1e-5, rtol=1e-5)
+    packed_emb.sum().backward()
+    padded_emb.sum().backward()
+    for (name, a), (_, b) in zip(padded.named_parameters(), packed.named_parameters()):
+        if a.grad is not None:
+            torch.testing.assert_close(b.grad, a.grad, atol=1e-5 * a.grad.abs().max().item(), rtol=1e-5, msg=name)
