@@ -4,7 +4,9 @@
 #      512 tokens, batch 32 + 1 hard negative; MFU against the card's datasheet bf16 peak and the measured one;
 #   2. single-GPU DeepSpeed ZeRO-2 and FSDP sanity runs of the same job (samples/s, peak memory, MFU);
 #   3. a decoder + LoRA step: a Qwen3-0.6B-shaped decoder (random weights), LoRA r=16, bf16, padded vs
-#      padding-free (benchmarks/llm_embedders.py).
+#      padding-free (benchmarks/llm_embedders.py);
+#   4. the padding-free attention kernel chosen on this device (flash-attn varlen when installed) against the
+#      padded forward, causal and bidirectional (benchmarks/flash_check.py).
 #
 #   bash benchmarks/gpu_suite.sh [OUT_DIR]            # default outputs/gpu_suite; writes OUT_DIR/gpu_suite.json
 #   WHEELS=wheels/ bash benchmarks/gpu_suite.sh       # first install wheels carried to a machine without internet
@@ -31,14 +33,15 @@ if [ -n "${SMOKE:-}" ]; then
   timeout 200 $PY benchmarks/llm_embedders.py --hidden 192 --layers 2 --vocab 2000 --steps 1 \
     --variants padded_lora,packed_lora --work_dir "$OUT/llm" --output "$OUT/llm.json"; status llm $?
 else
-  timeout 210 $PY benchmarks/throughput.py --gpu --variants theirs,ours --rounds 1 --steps_per_round 15 \
+  timeout 190 $PY benchmarks/throughput.py --gpu --variants theirs,ours --rounds 1 --steps_per_round 15 \
     --work_dir "$OUT/throughput"; status throughput $?
-  timeout 180 $PY benchmarks/gpu_scaling.py --size large --steps 15 --configs deepspeed_zero2.yaml,fsdp.yaml \
+  timeout 170 $PY benchmarks/gpu_scaling.py --size large --steps 15 --configs deepspeed_zero2.yaml,fsdp.yaml \
     --work_dir "$OUT/scaling"; status scaling $?
-  timeout 90 $PY benchmarks/llm_embedders.py --hidden 1024 --layers 28 --vocab 16000 --batch_size 16 \
+  timeout 80 $PY benchmarks/llm_embedders.py --hidden 1024 --layers 28 --vocab 16000 --batch_size 16 \
     --max_length 512 --steps 4 --bf16 --variants padded_lora,packed_lora --work_dir "$OUT/llm" \
     --output "$OUT/llm.json"; status llm $?
 fi
+timeout 40 $PY benchmarks/flash_check.py --output "$OUT/flash.json"; status attention_kernel $?
 
 $PY - "$OUT" "$START" <<'PYEOF'
 import json, os, sys, time
@@ -53,7 +56,7 @@ status = dict(line.strip().split("=", 1) for line in open(os.path.join(out, "sta
 suite = {"device": open(os.path.join(out, "gpu.txt")).read().strip(), "seconds": round(time.time() - start),
          "exit_codes": {name: int(code) for name, code in status.items()},  # 124: ran out of its time limit
          "throughput": load("throughput/throughput.json"), "scaling": load("scaling/gpu_scaling.json"),
-         "llm_lora": load("llm.json")}
+         "llm_lora": load("llm.json"), "attention_kernel": load("flash.json")}
 with open(os.path.join(out, "gpu_suite.json.tmp"), "w") as handle:
     json.dump(suite, handle, indent=2)
 os.replace(os.path.join(out, "gpu_suite.json.tmp"), os.path.join(out, "gpu_suite.json"))
