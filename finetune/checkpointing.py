@@ -61,8 +61,12 @@ def atomic_write(path: str | os.PathLike, *, binary: bool = False) -> Iterator:
                 with gzip.GzipFile(fileobj=raw, mode="wb", mtime=0) as compressed, open_text(compressed) as handle:
                     yield handle
             else:
-                with open_text(raw) as handle:
-                    yield handle
+                handle = open_text(raw)
+                yield handle
+                handle.flush()
+                handle.detach()  # raw stays open for the fsync below
+            raw.flush()
+            os.fsync(raw.fileno())  # on disk before the rename: a power loss never leaves an empty file under the name
         os.replace(tmp_path, path)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
@@ -131,9 +135,10 @@ class CheckpointWriteError(RuntimeError):
 
 
 @contextlib.contextmanager
-def checkpoint_write_guard(folder: str) -> Iterator[None]:
-    """Run the writing of checkpoint ``folder``; if it fails, remove the partial folder (it frees its space and can
-    never be taken for complete) and raise :class:`CheckpointWriteError` naming the checkpoint to resume from.
+def checkpoint_write_guard(folder: str, remove: bool = True) -> Iterator[None]:
+    """Run the writing of checkpoint ``folder``; if it fails, remove the partial folder (``remove``: the main
+    process; it frees its space) and raise :class:`CheckpointWriteError` naming the checkpoint to resume from.
+    Without its marker the folder is never taken for complete either way.
 
     torch.save reports a full disk as a RuntimeError ("file write failed"), not an OSError, so every error is
     caught; the free space left is said too.
@@ -141,7 +146,8 @@ def checkpoint_write_guard(folder: str) -> Iterator[None]:
     try:
         yield
     except Exception as error:  # noqa: BLE001 - re-raised, with what to do
-        shutil.rmtree(folder, ignore_errors=True)
+        if remove:
+            shutil.rmtree(folder, ignore_errors=True)
         output_dir = os.path.dirname(os.path.abspath(folder))
         last = last_complete_checkpoint(output_dir) if os.path.isdir(output_dir) else None
         full = isinstance(error, OSError) and error.errno in (errno.ENOSPC, errno.EDQUOT)
@@ -151,3 +157,28 @@ def checkpoint_write_guard(folder: str) -> Iterator[None]:
             + (f"{last} is complete and the same command resumes from it" if last else "no complete checkpoint exists "
                "yet, so the same command starts over")
             + f" ({free_mb:.0f} MB free in {output_dir}).") from error
+
+
+def save_checkpoint_safely(trainer, save: Callable[[], None], run_dir: str) -> None:
+    """The Trainer's checkpoint save (``save``, on every process), made crash-safe.
+
+    The Trainer would rotate old checkpoints out inside ``save``, before the new one is complete (other processes
+    may still be writing their parts, or fail): with ``save_total_limit=1`` a crash then left nothing to resume
+    from. Here its rotation is held back; a failed write raises :class:`CheckpointWriteError`; the marker is
+    written once every process has written its part; only then does the main process rotate.
+    """
+    from transformers.trainer_utils import rotate_checkpoints
+
+    args = trainer.args
+    folder = os.path.join(run_dir, f"checkpoint-{trainer.state.global_step}")
+    limit, args.save_total_limit = args.save_total_limit, None
+    try:
+        with checkpoint_write_guard(folder, remove=args.should_save):
+            save()
+    finally:
+        args.save_total_limit = limit
+    trainer.accelerator.wait_for_everyone()
+    if args.should_save and os.path.isdir(folder):
+        mark_checkpoint_complete(folder, trainer.state.global_step)
+        rotate_checkpoints(output_dir=run_dir, save_total_limit=limit,
+                           best_model_checkpoint=trainer.state.best_model_checkpoint, use_mtime=True)

@@ -98,7 +98,8 @@ def peer_failure_message(output_dir: str, world_size: int) -> Iterator[None]:
         from finetune.checkpointing import last_complete_checkpoint
 
         last = last_complete_checkpoint(output_dir) if os.path.isdir(output_dir) else None
-        message = (f"Another process of this run stopped ({str(error).strip().splitlines()[0][:200]}); this one stops "
+        message = (f"Another process of this run stopped or stopped answering ({str(error).strip().splitlines()[0][:200]}); "
+                   "this one stops "
                    "too. Check the first failing process's log, then rerun the same command: it resumes from "
                    + (f"{last}." if last else "the start (no complete checkpoint yet)."))
         logger.error(message)

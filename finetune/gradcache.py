@@ -114,8 +114,8 @@ def cached_training_step(model: Callable, inputs: dict[str, torch.Tensor], mini_
     """One GradCache step over a TripletCollator batch: the full batch's loss, mini-batch memory.
 
     ``loss_fn(query_emb (B, D), doc_emb (B*(1+k), D))`` is the objective on the detached
-    embeddings (it may gather them across processes); it returns None to skip the batch, which
-    then gets no backward at all. Returns the detached loss, or None when skipped.
+    embeddings (it may gather them across processes); it returns None to skip the batch, whose
+    backward then carries zero gradients. Returns the detached loss, or None when skipped.
     """
     with autocast():
         query_emb, query_chunks = embed_without_graph(model, inputs["query_input_ids"], inputs["query_attention_mask"],
@@ -124,9 +124,11 @@ def cached_training_step(model: Callable, inputs: dict[str, torch.Tensor], mini_
                                                   mini_batch_size)
     query_emb, doc_emb = query_emb.requires_grad_(), doc_emb.requires_grad_()
     loss = loss_fn(query_emb, doc_emb)
-    if loss is None:
-        return None
-    query_grad, doc_grad = torch.autograd.grad(loss, [query_emb, doc_emb])
+    if loss is None:  # skipped: a zero gradient still goes back, as the plain step's zero loss does, so that
+        # data-parallel processes all-reduce together and DeepSpeed's engine still steps (and its schedule with it)
+        query_grad, doc_grad = torch.zeros_like(query_emb), torch.zeros_like(doc_emb)
+    else:
+        query_grad, doc_grad = torch.autograd.grad(loss, [query_emb, doc_emb])
     backward_through_chunks(model, query_chunks + doc_chunks, torch.cat([query_grad, doc_grad]),
                             backward=backward, no_sync=no_sync, autocast=autocast)
-    return loss.detach()
+    return None if loss is None else loss.detach()

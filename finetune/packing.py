@@ -147,15 +147,19 @@ def attention_layout(lengths: torch.Tensor) -> PackedLayout:
     return PackedLayout(None, len(lengths), 0, groups, restore, cu_seqlens, max(g.length for g in groups), lengths)
 
 
-_LAST_LAYOUT: list = [None, None]  # (lengths tensor, its layout): every layer of one forward reuses it
+_LAST_LAYOUT: tuple = (None, None)  # (lengths tensor, its layout): every layer of one forward reuses it
 
 
 def layout_for(lengths: torch.Tensor) -> PackedLayout:
     """The layout of these lengths: the current pack's, or rebuilt (a layer recomputed by gradient checkpointing
-    after another forward)."""
-    if _LAST_LAYOUT[0] is not lengths:
-        _LAST_LAYOUT[:] = [lengths, attention_layout(lengths)]
-    return _LAST_LAYOUT[1]
+    after another forward). The cache entry is one tuple, read and replaced whole, so threads (nn.DataParallel
+    replicas) never pair one pack's lengths with another's layout."""
+    global _LAST_LAYOUT
+    key, layout = _LAST_LAYOUT
+    if key is not lengths:
+        layout = attention_layout(lengths)
+        _LAST_LAYOUT = (lengths, layout)
+    return layout
 
 
 def unpack(packed: torch.Tensor, layout: PackedLayout) -> torch.Tensor:
@@ -191,10 +195,14 @@ def packed_attention(module: nn.Module, query: torch.Tensor, key: torch.Tensor, 
     q, k, v = (tensor[0].transpose(0, 1) for tensor in (query, key, value))  # (N, H or H_kv, d)
     varlen = flash_varlen_kernel(q)
     if varlen is not None:  # no re-padding at all: one kernel over the pack, sequences by cu_seqlens
-        out = varlen(q, k, v, cu_seqlens_q=layout.cu_seqlens, cu_seqlens_k=layout.cu_seqlens,
-                     max_seqlen_q=layout.max_length, max_seqlen_k=layout.max_length, dropout_p=dropout,
-                     softmax_scale=scaling, causal=bool(causal))  # (N, H, d) in packed order
-        return out.unsqueeze(0), None
+        try:
+            out = varlen(q, k, v, cu_seqlens_q=layout.cu_seqlens.to(q.device), cu_seqlens_k=layout.cu_seqlens.to(q.device),
+                         max_seqlen_q=layout.max_length, max_seqlen_k=layout.max_length, dropout_p=dropout,
+                         softmax_scale=scaling, causal=bool(causal))  # (N, H, d) in packed order
+            return out.unsqueeze(0), None
+        except RuntimeError as error:  # e.g. a GPU or head size the installed flash-attn does not support
+            _FLASH_FAILED.append(str(error))
+            logger.warning("flash-attn's varlen kernel failed (%s): grouped SDPA from now on.", error)
     outputs = []
     for group in layout.groups:
         def regroup(tokens: torch.Tensor) -> torch.Tensor:  # (N, h, d) -> (G, h, L, d)
@@ -210,13 +218,14 @@ def packed_attention(module: nn.Module, query: torch.Tensor, key: torch.Tensor, 
 
 
 _KERNEL_LOGGED = set()
+_FLASH_FAILED: list[str] = []  # set once the varlen kernel raised: grouped SDPA is used from then on
 
 
 def flash_varlen_kernel(tensor: torch.Tensor):
     """flash-attn's ``flash_attn_varlen_func`` when it is installed and applies (CUDA, fp16/bf16), else None
     (grouped SDPA). The choice is logged once per process."""
     kernel = None
-    if tensor.is_cuda and tensor.dtype in (torch.float16, torch.bfloat16):
+    if tensor.is_cuda and tensor.dtype in (torch.float16, torch.bfloat16) and not _FLASH_FAILED:
         try:
             from flash_attn import flash_attn_varlen_func as kernel
         except ImportError:
@@ -274,7 +283,8 @@ def position_rule_for(encoder: nn.Module, max_length: int | None = None) -> str 
 def _enter_packed(input_ids: torch.Tensor, attention_mask: torch.Tensor, position_rule: str, padding_idx: int):
     """Pack and make the layout current (outside ``torch.compile``: lengths go to the host)."""
     packed_ids, position_ids, layout = pack(input_ids, attention_mask, position_rule, padding_idx)
-    _LAST_LAYOUT[:] = [layout.lengths, layout]
+    global _LAST_LAYOUT
+    _LAST_LAYOUT = (layout.lengths, layout)
     return packed_ids, position_ids, layout.lengths, _PACKED_LAYOUT.set(layout)
 
 

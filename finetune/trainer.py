@@ -9,12 +9,11 @@ non-finite checks and component logs to ``finetune.monitoring``.
 
 from __future__ import annotations
 
-import os
 
 import torch
 from transformers import Trainer
 
-from finetune.checkpointing import checkpoint_write_guard, mark_checkpoint_complete, save_staged
+from finetune.checkpointing import save_checkpoint_safely, save_staged
 from finetune.data import SamplerEpochCallback, build_eval_sampler, build_train_sampler
 from finetune.distributed import check_sharding_support
 from finetune.gradcache import accelerator_chunk_hooks, cached_training_step
@@ -140,13 +139,9 @@ class EmbeddingTrainer(Trainer):
                         extra_files={"training_args.json": self.args.to_json_string()})
 
     def _save_checkpoint(self, model, trial) -> None:
-        """Save as the Trainer does, then mark the checkpoint complete once every process has written its part."""
-        folder = os.path.join(self._get_output_dir(trial=trial), f"checkpoint-{self.state.global_step}")
-        with checkpoint_write_guard(folder):  # a failed write (full disk): removed, and a clear error
-            super()._save_checkpoint(model, trial)
-        self.accelerator.wait_for_everyone()
-        if self.args.should_save and os.path.isdir(folder):
-            mark_checkpoint_complete(folder, self.state.global_step)
+        """Save as the Trainer does, crash-safe: marked complete, then rotated (``checkpointing.save_checkpoint_safely``)."""
+        save_checkpoint_safely(self, lambda: super(EmbeddingTrainer, self)._save_checkpoint(model, trial),
+                               self._get_output_dir(trial=trial))
 
     def _load_from_checkpoint(self, resume_from_checkpoint: str, model=None) -> None:
         if self.is_deepspeed_enabled or self.is_fsdp_enabled:

@@ -127,11 +127,15 @@ def test_gradcache_under_zero2_and_zero3_ends_where_ddp_ends(gradcache_runs, tin
     assert max((weights["ddp"][key] - base[key]).abs().max().item() for key in base) > 1e-4  # it trained
     for stage in ("zero2", "zero3"):
         assert max_difference(weights[stage], weights["ddp"]) < TOLERANCE, stage
-    losses = {name: [entry["loss"] for entry in json.loads((output_dir / "trainer_state.json").read_text())["log_history"]
-                     if "loss" in entry] for name, (output_dir, _) in gradcache_runs.items()}
-    assert len(losses["ddp"]) == 2
+    history = {name: [entry for entry in json.loads((output_dir / "trainer_state.json").read_text())["log_history"]
+                      if "loss" in entry] for name, (output_dir, _) in gradcache_runs.items()}
+    assert len(history["ddp"]) == 2
     for stage in ("zero2", "zero3"):
-        assert losses[stage] == pytest.approx(losses["ddp"], abs=TOLERANCE), stage
+        assert [entry["loss"] for entry in history[stage]] == pytest.approx(
+            [entry["loss"] for entry in history["ddp"]], abs=TOLERANCE), stage
+        # AdamW and clipping barely see a constant factor on the gradients; the norm before clipping does.
+        assert [entry["grad_norm"] for entry in history[stage]] == pytest.approx(
+            [entry["grad_norm"] for entry in history["ddp"]], rel=1e-4), stage
 
 
 def test_launch_defaults_name_gloo_only_for_deepspeed_on_several_cpu_processes(monkeypatch):

@@ -16,7 +16,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import ROOT, launch_two_processes
+from conftest import ROOT
 from finetune import train
 from finetune.checkpointing import CHECKPOINT_COMPLETE, CheckpointWriteError, last_complete_checkpoint
 
@@ -72,12 +72,25 @@ def test_a_full_disk_while_checkpointing_keeps_the_last_complete_checkpoint(writ
     assert max_weight_difference(output_dir, straight_dir) < 1e-6
 
 
-def launch(args: list[str]) -> subprocess.Popen:
+def launch(args: list[str], log: Path) -> subprocess.Popen:
+    """A 2-process launch whose output goes to ``log`` (a file: a pipe nobody reads while we wait could fill)."""
     accelerate = str(Path(sys.executable).parent / "accelerate")
     command = [accelerate, "launch", "--config_file", str(ROOT / "accelerate_configs" / "cpu_multi_process.yaml"),
                str(ROOT / "finetune" / "train.py"), *args]
-    return subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=ROOT,
-                            env={**os.environ, "OMP_NUM_THREADS": "1"}, start_new_session=True)
+    with open(log, "w") as handle:
+        return subprocess.Popen(command, stdout=handle, stderr=subprocess.STDOUT, text=True, cwd=ROOT,
+                                env={**os.environ, "OMP_NUM_THREADS": "1"}, start_new_session=True)
+
+
+def finish(process: subprocess.Popen, log: Path, timeout: float) -> str:
+    """Wait for ``process`` (killing its process group after ``timeout`` s) and return its output."""
+    try:
+        process.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, signal.SIGKILL)
+        process.wait()
+        raise
+    return log.read_text()
 
 
 def worker_of_rank(launcher: subprocess.Popen, rank: int):
@@ -100,30 +113,33 @@ def test_a_process_killed_mid_step_stops_the_run_and_the_same_command_resumes(ti
     killed_dir, straight_dir = tmp_path / "killed", tmp_path / "straight"
     common = [arg for arg in run_args(tiny_bert_without_dropout, train_file, killed_dir, max_steps=30)
               if arg not in ("--use_cpu", "true")]  # launch_defaults adds it for CPU processes
-    launcher = launch(common)
+    log = tmp_path / "killed.log"
+    launcher = launch(common, log)
     marker = killed_dir / "checkpoint-10" / CHECKPOINT_COMPLETE
     deadline = time.time() + 240
     while not marker.exists() and launcher.poll() is None and time.time() < deadline:
         time.sleep(0.02)
     victim = worker_of_rank(launcher, 1)
-    assert victim is not None and launcher.poll() is None, "the run ended before a process could be killed"
+    if not (marker.exists() and victim is not None and launcher.poll() is None):
+        os.killpg(launcher.pid, signal.SIGKILL)
+        raise AssertionError("no process to kill after checkpoint-10:\n" + log.read_text()[-3000:])
     victim.send_signal(signal.SIGKILL)
     killed_at = time.time()
     try:
-        output, _ = launcher.communicate(timeout=60)
+        output = finish(launcher, log, timeout=60)
     except subprocess.TimeoutExpired:
-        os.killpg(launcher.pid, signal.SIGKILL)
-        raise AssertionError("the other process did not stop within a minute after rank 1 was killed")
+        raise AssertionError("the other process did not stop within a minute after rank 1 was killed") from None
     assert time.time() - killed_at < 60 and launcher.returncode != 0
     assert "rank      : 1" in output and "Signal 9 (SIGKILL)" in output  # the launcher names the failed process
     assert not (killed_dir / "model.safetensors").exists()
 
-    resumed = launch(common)
-    output, _ = resumed.communicate(timeout=300)
+    resumed = launch(common, tmp_path / "resumed.log")
+    output = finish(resumed, tmp_path / "resumed.log", timeout=300)
     assert resumed.returncode == 0, output[-3000:]
     assert "Resuming from" in output and "checkpoint-" in output
-    straight = launch([arg if arg != str(killed_dir) else str(straight_dir) for arg in common])
-    output, _ = straight.communicate(timeout=300)
+    straight_args = [arg if arg != str(killed_dir) else str(straight_dir) for arg in common]
+    straight = launch(straight_args, tmp_path / "straight.log")
+    output = finish(straight, tmp_path / "straight.log", timeout=300)
     assert straight.returncode == 0, output[-3000:]
     assert max_weight_difference(killed_dir, straight_dir) < 1e-6
 
@@ -147,3 +163,27 @@ def test_a_collective_broken_by_a_dead_peer_becomes_a_clear_error(tmp_path):
     with pytest.raises(ValueError):  # other errors pass through untouched
         with peer_failure_message(str(tmp_path), world_size=2):
             raise ValueError("a bug")
+
+
+def test_old_checkpoints_are_rotated_out_only_after_the_new_one_is_complete(tiny_bert, train_file, tmp_path,
+                                                                             monkeypatch):
+    """save_total_limit=1: a run stopped after checkpoint-20 was written but before it was marked complete must
+    still have checkpoint-10 (the Trainer alone would have deleted it before the marker)."""
+    from finetune import checkpointing
+
+    output_dir = tmp_path / "out"
+    real_mark = checkpointing.mark_checkpoint_complete
+
+    def stop_before_marking_20(folder, step):
+        if step == 20:
+            raise KeyboardInterrupt("stopped between writing checkpoint-20 and marking it")
+        real_mark(folder, step)
+
+    monkeypatch.setattr(checkpointing, "mark_checkpoint_complete", stop_before_marking_20)
+    with pytest.raises(KeyboardInterrupt):
+        train.main([*run_args(tiny_bert, train_file, output_dir, max_steps=30), "--save_total_limit", "1"])
+    assert (output_dir / "checkpoint-10" / CHECKPOINT_COMPLETE).is_file()
+    assert last_complete_checkpoint(str(output_dir)).endswith("checkpoint-10")
+    monkeypatch.undo()
+    train.main([*run_args(tiny_bert, train_file, output_dir, max_steps=30), "--save_total_limit", "1"])
+    assert sorted(path.name for path in output_dir.glob("checkpoint-*")) == ["checkpoint-30"]  # rotation still works

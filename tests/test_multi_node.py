@@ -3,6 +3,7 @@
 train the same steps as one 2-process launch and end at the same weights."""
 
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -28,18 +29,23 @@ def test_two_machines_of_one_process_each_equal_one_machine_of_two(tiny_bert_wit
     # On CPU the GPU launcher starts gloo processes only with ACCELERATE_USE_CPU (docs/scaling.md, multi-node).
     env = {**os.environ, "OMP_NUM_THREADS": "1", "ACCELERATE_USE_CPU": "true"}
     port, nodes_dir = free_port(), tmp_path / "two_machines"
-    launchers = [subprocess.Popen(
-        [accelerate, "launch", "--config_file", str(ROOT / "accelerate_configs" / "multi_node.yaml"), "--num_machines",
-         "2", "--num_processes", "2", "--machine_rank", str(rank), "--main_process_ip", "127.0.0.1",
-         "--main_process_port", str(port), str(ROOT / "finetune" / "train.py"), *common, "--output_dir", str(nodes_dir)],
-        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env, cwd=ROOT) for rank in (0, 1)]
-    logs = []
+    launchers, log_files = [], [tmp_path / f"machine{rank}.log" for rank in (0, 1)]
+    for rank, log_file in enumerate(log_files):  # output to files: two pipes read one after the other could fill
+        with open(log_file, "w") as handle:
+            launchers.append(subprocess.Popen(
+                [accelerate, "launch", "--config_file", str(ROOT / "accelerate_configs" / "multi_node.yaml"),
+                 "--num_machines", "2", "--num_processes", "2", "--machine_rank", str(rank), "--main_process_ip",
+                 "127.0.0.1", "--main_process_port", str(port), str(ROOT / "finetune" / "train.py"), *common,
+                 "--output_dir", str(nodes_dir)], stdout=handle, stderr=subprocess.STDOUT, env=env, cwd=ROOT,
+                start_new_session=True))
     try:
         for launcher in launchers:
-            logs.append(launcher.communicate(timeout=300)[0])
+            launcher.wait(timeout=300)
     finally:
         for launcher in launchers:
-            launcher.kill()
+            if launcher.poll() is None:
+                os.killpg(launcher.pid, signal.SIGKILL)
+    logs = [log_file.read_text() for log_file in log_files]
     for rank, (launcher, log) in enumerate(zip(launchers, logs)):
         assert launcher.returncode == 0, log[-3000:]
         assert "World size 2 x 4 queries per device" in log, rank  # one process group over both launchers
