@@ -80,7 +80,3 @@ def set_attention(config, attention: str | None) -> None:
     config.is_causal = attention == "causal"
     logger.info("Decoder attention: %s.", attention)
 
-
-def attention_of(config) -> str:
-    """The attention the model runs with: causal for a decoder unless its config says otherwise."""
-    return "causal" if is_decoder(config) and getattr(config, "is_causal", True) else "bidirectional"

@@ -75,8 +75,9 @@ def gather_rows(tensor: torch.Tensor, backprop: str = "global") -> torch.Tensor:
     return torch.cat(parts)
 
 
-def check_sharding_support(*, gradcache: bool, lora: bool, deepspeed: bool, fsdp: bool) -> None:
-    """Refuse, before training, the combinations with a sharding engine that do not work (yet)."""
+def check_sharding_support(*, gradcache: bool, lora: bool, fsdp: bool) -> None:
+    """Refuse, before training, the combinations with a sharding engine that do not work (yet): both compose with
+    DeepSpeed ZeRO-2/3, neither with FSDP."""
     if gradcache and fsdp:
         raise ValueError("--gradcache_mini_batch_size is not supported with FSDP (its step runs several backward "
                          "passes of its own); use DDP (accelerate_configs/multi_gpu.yaml) or DeepSpeed ZeRO-2/3.")

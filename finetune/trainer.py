@@ -31,7 +31,7 @@ class EmbeddingTrainer(Trainer):
 
     def __init__(self, *args, objective: Objective | None = None, evaluator=None, **kwargs):
         super().__init__(*args, **kwargs)
-        check_sharding_support(gradcache=bool(self.args.gradcache_mini_batch_size), deepspeed=self.is_deepspeed_enabled,
+        check_sharding_support(gradcache=bool(self.args.gradcache_mini_batch_size),
                                lora=getattr(self.model, "lora", None) is not None, fsdp=self.is_fsdp_enabled)
         self.objective = objective if objective is not None else build_objective(self.args)
         self.evaluator = evaluator

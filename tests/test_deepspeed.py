@@ -58,35 +58,21 @@ def max_difference(first: dict, second: dict) -> float:
     return max((first[key] - second[key]).abs().max().item() for key in first)
 
 
-@pytest.fixture(scope="module")
-def runs(tiny_bert_without_dropout, tmp_path_factory) -> dict[str, tuple[Path, str]]:
-    """Output folder and log of the same 2-step training under each entry of RUNS (one run at a time)."""
-    folder = tmp_path_factory.mktemp("deepspeed")
+def common_args(model: str, folder: Path, *, learning_rate: str = "1e-3", save_steps: str = "2") -> list[str]:
+    """The 2-step training every run below shares (its own train file in ``folder``)."""
     train_file = write_jsonl(folder / "train.jsonl", make_records(24, seed=1))
-    common = ["--model_name_or_path", tiny_bert_without_dropout, "--train_file", train_file, "--max_steps", "2",
-              "--per_device_train_batch_size", "4", "--num_hard_negatives", "2", "--learning_rate", "1e-3",
-              "--warmup_steps", "0", "--report_to", "none", "--save_steps", "2", "--logging_steps", "1",
-              "--dataloader_num_workers", "0"]
-    results = {}
-    for name, (config, flags) in RUNS.items():
-        output_dir = folder / name
-        result = launch_two_processes([str(ROOT / "finetune" / "train.py"), *common, *flags, "--output_dir",
-                                       str(output_dir)], config=config)
-        results[name] = (output_dir, result.stdout + result.stderr)
-    return results
+    return ["--model_name_or_path", model, "--train_file", train_file, "--max_steps", "2",
+            "--per_device_train_batch_size", "4", "--num_hard_negatives", "2", "--learning_rate", learning_rate,
+            "--warmup_steps", "0", "--report_to", "none", "--save_steps", save_steps, "--logging_steps", "1",
+            "--dataloader_num_workers", "0"]
 
 
-@pytest.fixture(scope="module")
-def lora_runs(tiny_bert_without_dropout, tmp_path_factory) -> dict[str, tuple[Path, str]]:
-    """Output folder and log of the same 2 LoRA steps under each entry of LORA_RUNS (one run at a time)."""
-    folder = tmp_path_factory.mktemp("deepspeed_lora")
-    train_file = write_jsonl(folder / "train.jsonl", make_records(24, seed=1))
-    common = ["--model_name_or_path", tiny_bert_without_dropout, "--train_file", train_file, "--max_steps", "2",
-              "--per_device_train_batch_size", "4", "--num_hard_negatives", "2", "--learning_rate", "1e-2",
-              "--warmup_steps", "0", "--report_to", "none", "--save_steps", "1", "--logging_steps", "1",
-              "--dataloader_num_workers", "0", "--lora_r", "4", "--lora_dropout", "0"]
+def launch_each(folder: Path, common: list[str], runs: dict[str, tuple[str, str | None, list[str]]]
+                ) -> dict[str, tuple[Path, str]]:
+    """Launch ``runs`` (name -> (config, run whose checkpoint-1 it resumes from, extra flags)) one at a time on 2
+    processes; returns each output folder and log."""
     results = {}
-    for name, (config, resume_from, flags) in LORA_RUNS.items():
+    for name, (config, resume_from, flags) in runs.items():
         output_dir = folder / name
         if resume_from:  # a run stopped after step 1: the checkpoint alone (DeepSpeed's files in global_step1/)
             shutil.copytree(folder / resume_from / "checkpoint-1", output_dir / "checkpoint-1")
@@ -97,22 +83,28 @@ def lora_runs(tiny_bert_without_dropout, tmp_path_factory) -> dict[str, tuple[Pa
 
 
 @pytest.fixture(scope="module")
+def runs(tiny_bert_without_dropout, tmp_path_factory) -> dict[str, tuple[Path, str]]:
+    """Output folder and log of the same 2-step training under each entry of RUNS (one run at a time)."""
+    folder = tmp_path_factory.mktemp("deepspeed")
+    return launch_each(folder, common_args(tiny_bert_without_dropout, folder),
+                       {name: (config, None, flags) for name, (config, flags) in RUNS.items()})
+
+
+@pytest.fixture(scope="module")
+def lora_runs(tiny_bert_without_dropout, tmp_path_factory) -> dict[str, tuple[Path, str]]:
+    """Output folder and log of the same 2 LoRA steps under each entry of LORA_RUNS (one run at a time)."""
+    folder = tmp_path_factory.mktemp("deepspeed_lora")
+    common = common_args(tiny_bert_without_dropout, folder, learning_rate="1e-2", save_steps="1")
+    return launch_each(folder, [*common, "--lora_r", "4", "--lora_dropout", "0"], LORA_RUNS)
+
+
+@pytest.fixture(scope="module")
 def gradcache_runs(tiny_bert_without_dropout, tmp_path_factory) -> dict[str, tuple[Path, str]]:
     """Output folder and log of the same 2 GradCache steps (2 accumulated batches each) under each GRADCACHE_RUNS."""
     folder = tmp_path_factory.mktemp("deepspeed_gradcache")
-    train_file = write_jsonl(folder / "train.jsonl", make_records(24, seed=1))
-    common = ["--model_name_or_path", tiny_bert_without_dropout, "--train_file", train_file, "--max_steps", "2",
-              "--per_device_train_batch_size", "4", "--num_hard_negatives", "2", "--learning_rate", "1e-3",
-              "--warmup_steps", "0", "--report_to", "none", "--save_steps", "2", "--logging_steps", "1",
-              "--dataloader_num_workers", "0", "--gradcache_mini_batch_size", "3",
+    common = [*common_args(tiny_bert_without_dropout, folder), "--gradcache_mini_batch_size", "3",
               "--gradient_accumulation_steps", "2"]
-    results = {}
-    for name, config in GRADCACHE_RUNS.items():
-        output_dir = folder / name
-        result = launch_two_processes([str(ROOT / "finetune" / "train.py"), *common, "--output_dir",
-                                       str(output_dir)], config=config)
-        results[name] = (output_dir, result.stdout + result.stderr)
-    return results
+    return launch_each(folder, common, {name: (config, None, []) for name, config in GRADCACHE_RUNS.items()})
 
 
 def test_gradcache_under_zero2_and_zero3_ends_where_ddp_ends(gradcache_runs, tiny_bert_without_dropout):

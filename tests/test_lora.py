@@ -155,9 +155,9 @@ def test_adapter_only_folder_loads_in_sentence_transformers_on_its_base(model, t
 def test_sharding_engines_refuse_only_what_does_not_work():
     from finetune.distributed import check_sharding_support
 
-    check_sharding_support(gradcache=False, lora=True, deepspeed=True, fsdp=False)  # run in tests/test_deepspeed.py
+    check_sharding_support(gradcache=False, lora=True, fsdp=False)  # run in tests/test_deepspeed.py
     with pytest.raises(ValueError, match="--lora_r is not supported with FSDP"):
-        check_sharding_support(gradcache=False, lora=True, deepspeed=False, fsdp=True)
-    check_sharding_support(gradcache=True, lora=True, deepspeed=True, fsdp=False)  # GradCache: tests/test_deepspeed.py
+        check_sharding_support(gradcache=False, lora=True, fsdp=True)
+    check_sharding_support(gradcache=True, lora=True, fsdp=False)  # GradCache: tests/test_deepspeed.py
     with pytest.raises(ValueError, match="--gradcache_mini_batch_size is not supported with FSDP"):
-        check_sharding_support(gradcache=True, lora=False, deepspeed=False, fsdp=True)
+        check_sharding_support(gradcache=True, lora=False, fsdp=True)
