@@ -1,5 +1,6 @@
 """Padding-free attention kernel check: packed forward == padded forward on this device, with the kernel chosen
-automatically (flash-attn's varlen kernel on CUDA in bf16 when installed, else grouped SDPA).
+automatically (on CUDA in bf16: flash-attn's varlen kernel when installed, else PyTorch's varlen flash attention,
+else FlexAttention; on CPU grouped SDPA), and each fused kernel named in turn.
 
 A tiny random Qwen3-layout decoder (grouped-query attention), causal and bidirectional, a left-padded batch;
 prints and writes the kernel used and the max difference of the real tokens' states (bf16 on CUDA, fp32 on CPU).
@@ -39,20 +40,34 @@ def main(argv: list[str] | None = None) -> list[dict]:
     mask = (torch.arange(32)[None] >= 32 - lengths[:, None]).long()
     input_ids = torch.randint(5, 200, (16, 32), generator=generator) * mask
     input_ids, mask = input_ids.to(device), mask.to(device)
+    from finetune import attention_kernels
+
+    kernels = ["auto"] + ([name for name in attention_kernels.FUSED_KERNELS
+                           if attention_kernels.unavailable_reason(name, device, dtype, 64) is None]
+                          if device.type == "cuda" else [])
     rows = []
-    for attention in ("causal", "bidirectional"):
-        padded = AutoModel.from_pretrained(folder).to(device, dtype).eval()
-        padded.config.is_causal = attention == "causal"
-        packed = copy.deepcopy(padded)
-        rule = packing.enable_padding_free(packed)
-        with torch.no_grad():
-            reference = padded(input_ids=input_ids, attention_mask=mask).last_hidden_state * mask[..., None]
-            result = packing.encode_packed(packed, input_ids, mask, rule)
-        kernel = "flash-attn varlen" if packing.flash_varlen_kernel(result) is not None else "grouped SDPA"
-        difference = (result.float() - reference.float()).abs().max().item()
-        rows.append({"attention": attention, "device": str(device), "dtype": str(dtype), "kernel": kernel,
-                     "max_difference": difference, "scale": reference.float().abs().max().item()})
-        print(json.dumps(rows[-1]), flush=True)
+    for kernel in kernels:
+        attention_kernels.set_preference(kernel)
+        for attention in ("causal", "bidirectional"):
+            padded = AutoModel.from_pretrained(folder).to(device, dtype).eval()
+            padded.config.is_causal = attention == "causal"
+            packed = copy.deepcopy(padded)
+            rule = packing.enable_padding_free(packed)
+            row = {"requested": kernel, "attention": attention, "device": str(device), "dtype": str(dtype),
+                   "padding_free": rule is not None}
+            if rule is None:  # refused by the load-time check (logged): the padded forward is what runs
+                rows.append(row)
+                print(json.dumps(row), flush=True)
+                continue
+            with torch.no_grad():
+                reference = padded(input_ids=input_ids, attention_mask=mask).last_hidden_state * mask[..., None]
+                result = packing.encode_packed(packed, input_ids, mask, rule)
+            row.update(kernel=attention_kernels.chosen_kernel(device, dtype, padded.config.head_dim),
+                       max_difference=(result.float() - reference.float()).abs().max().item(),
+                       scale=reference.float().abs().max().item(), dropped=dict(attention_kernels._failed))
+            rows.append(row)
+            print(json.dumps(row), flush=True)
+    attention_kernels.set_preference("auto")
     if args.output:
         Path(args.output).write_text(json.dumps(rows, indent=2))
     return rows

@@ -17,8 +17,10 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -44,10 +46,23 @@ def run_config(args, config: str, model: str, train_file: str) -> dict:
                "--max_length", str(args.max_length), "--work_dir", work_dir, "--learning_rate", "1e-5"]
     command += ["--bf16"] if args.device == "cuda" else []
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", "WANDB_MODE": "disabled"}
-    completed = subprocess.run(command, env=env, capture_output=True, text=True, cwd=ROOT)
-    if completed.returncode != 0 or not os.path.exists(result_file):
-        return {"config": config, "error": (completed.stdout[-1500:] + completed.stderr[-3000:]).strip()}
-    return {"config": config, **json.loads(Path(result_file).read_text())}
+    started = time.perf_counter()
+    log_path = os.path.join(args.work_dir, f"{Path(config).stem}.log")
+    with open(log_path, "w") as log:  # the whole launch log stays on disk: a run that fails or hangs can be read
+        process = subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT,
+                                   start_new_session=True)
+        try:
+            returncode = process.wait(timeout=args.timeout)
+        except subprocess.TimeoutExpired:  # the launcher and its workers go together (a worker holds the GPU)
+            os.killpg(process.pid, signal.SIGKILL)
+            process.wait()
+            returncode = None
+    seconds = round(time.perf_counter() - started, 1)
+    if returncode != 0 or not os.path.exists(result_file):
+        tail = Path(log_path).read_text(errors="replace")[-4000:].strip()
+        why = f"timed out after {args.timeout} s" if returncode is None else f"exit code {returncode}"
+        return {"config": config, "error": f"{why} ({seconds} s)\n{tail}", "seconds": seconds}
+    return {"config": config, "seconds": seconds, **json.loads(Path(result_file).read_text())}
 
 
 def main(argv: list[str] | None = None) -> list[dict]:
@@ -60,6 +75,11 @@ def main(argv: list[str] | None = None) -> list[dict]:
     parser.add_argument("--max_length", type=int, default=512, help="Max tokens per text (default 512).")
     parser.add_argument("--num_processes", type=int, default=1, help="Processes (GPUs) per run (default 1).")
     parser.add_argument("--work_dir", default="outputs/gpu-scaling", help="Work folder (default outputs/gpu-scaling).")
+    parser.add_argument("--model", default=None, help="An encoder folder to use instead of building a random one.")
+    parser.add_argument("--tokenizer", default=None,
+                        help="Tokenizer folder of the random encoder (default: the packaged MiniLM's, else one trained "
+                             "on the example data).")
+    parser.add_argument("--timeout", type=int, default=150, help="Seconds each configuration may take (default 150).")
     parser.add_argument("--cpu_smoke", action="store_true",
                         help="Check the plumbing on a CPU: packaged MiniLM, cpu_multi_process.yaml, 2 processes, "
                              "4 steps of batch 4 at 64 tokens.")
@@ -77,7 +97,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
         if not torch.cuda.is_available():
             sys.exit("No CUDA device: run on a GPU machine, or use --cpu_smoke to check the plumbing.")
         args.device = "cuda"
-        model = throughput.build_random_encoder(os.path.join(args.work_dir, f"bert-{args.size}-random"), args.size)
+        model = args.model or throughput.build_random_encoder(os.path.join(args.work_dir, f"bert-{args.size}-random"),
+                                                              args.size, args.tokenizer)
     train_file = throughput.write_benchmark_data(os.path.join(args.work_dir, "train.jsonl"), 1,
                                                  long_documents=1 if args.cpu_smoke else 6)
     precision = "fp32" if args.cpu_smoke else "bf16"
@@ -95,11 +116,13 @@ def main(argv: list[str] | None = None) -> list[dict]:
         if "error" in result:
             print(f"{config_file}: FAILED\n{result['error']}", flush=True)
             rows.append(result)
+            Path(args.work_dir, "gpu_scaling.json").write_text(json.dumps(rows, indent=2))
             continue
         summary = throughput.summarise(config_file, [result], argparse.Namespace(batch_size=args.batch_size * args.num_processes,
                                                                                  device=args.device),
                                        measured_peak, model_shape)
-        rows.append({"config": config_file, **summary})
+        rows.append({"config": config_file, "launch_seconds": result["seconds"], **summary})
+        Path(args.work_dir, "gpu_scaling.json").write_text(json.dumps(rows, indent=2))  # kept if a later one hangs
         print(f"{config_file}: {summary['samples_per_s']:.1f} samples/s, {summary['real_tokens_per_s']:.0f} real tok/s, "
               f"peak {summary['peak_memory_mb']:.0f} MB, MFU {summary['mfu']:.1%} of measured peak"
               + (f", {summary['mfu_nominal']:.1%} of datasheet" if summary["mfu_nominal"] else ""), flush=True)

@@ -1,47 +1,70 @@
 #!/usr/bin/env bash
-# One GPU, one script, under 8 minutes (each part has its own time limit), one JSON:
-#   1. throughput, ours vs sentence-transformers' trainer: a BERT-large-sized encoder (random weights), bf16,
-#      512 tokens, batch 32 + 1 hard negative; MFU against the card's datasheet bf16 peak and the measured one;
-#   2. single-GPU DeepSpeed ZeRO-2 and FSDP sanity runs of the same job (samples/s, peak memory, MFU);
-#   3. a decoder + LoRA step: a Qwen3-0.6B-shaped decoder (random weights), LoRA r=16, bf16, padded vs
-#      padding-free (benchmarks/llm_embedders.py);
-#   4. the padding-free attention kernel chosen on this device (flash-attn varlen when installed) against the
-#      padded forward, causal and bidirectional (benchmarks/flash_check.py).
+# One GPU, one script, at most 9 minutes in all (each part has its own time limit inside a global deadline), one JSON:
+#   0. the GPU test lane (python -m pytest -m gpu tests/test_gpu.py): padded == padding-free in bf16 per kernel,
+#      the kernel chosen, one training step each of the default job, GradCache, a LoRA decoder, ZeRO-2 and FSDP;
+#   1. throughput, ours vs sentence-transformers' trainer: a BERT-large-sized encoder (random weights), bf16, 512
+#      tokens, batch 32 + 1 hard negative, 'long' length profile (documents of ~6 example documents joined);
+#   2. the same on the 'realistic' profile (the example data's own lengths: most of a padded batch is padding);
+#   3. single-GPU DeepSpeed ZeRO-2 and FSDP runs of job 1 (samples/s, peak memory, MFU; each its own time limit);
+#   4. a Qwen3-0.6B-shaped decoder (random weights), bf16, batch 16 x (1 + 1), 512 tokens, gradient checkpointing:
+#      LoRA r=16 padded vs padding-free, and a padding-free full-weights row (benchmarks/llm_embedders.py);
+#   5. the padding-free attention kernels against the padded forward, causal and bidirectional (flash_check.py).
 #
-#   bash benchmarks/gpu_suite.sh [OUT_DIR]            # default outputs/gpu_suite; writes OUT_DIR/gpu_suite.json
-#   WHEELS=wheels/ bash benchmarks/gpu_suite.sh       # first install wheels carried to a machine without internet
-#   SMOKE=1 bash benchmarks/gpu_suite.sh              # the plumbing on a CPU, tiny sizes (about 3 minutes here)
+#   bash benchmarks/gpu_suite.sh [OUT_DIR]        # default outputs/gpu_suite; writes OUT_DIR/gpu_suite.json
+#   TOKENIZER=dir bash benchmarks/gpu_suite.sh    # the random encoder's tokenizer (default: packaged MiniLM's, else
+#                                                 # one trained on the example data): nothing is downloaded
+#   SMOKE=1 bash benchmarks/gpu_suite.sh          # the plumbing on a CPU, tiny sizes (about 4 minutes here)
+# On the project's GPU machine (no internet): `source .gpu/setup.sh` first (../shared/gpu/prepare.sh).
 #
-# A part that fails or runs out of time is recorded as such in the JSON; the others still run.
+# A part that fails or runs out of time is recorded as such in the JSON (exit code, 124 = time limit, and the tail
+# of its log); the others still run.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${1:-outputs/gpu_suite}
 PY=${PYTHON:-python}
+TOK=${TOKENIZER:+--tokenizer $TOKENIZER}
 mkdir -p "$OUT"
-if [ -n "${WHEELS:-}" ]; then
-  $PY -m pip install --quiet --no-index --find-links "$WHEELS" -r requirements.txt || echo "wheel install failed"
-fi
 START=$(date +%s)
-status() { echo "$1=$2" >> "$OUT/status.txt"; }
+DEADLINE=$(( START + ${SUITE_SECONDS:-540} ))
 : > "$OUT/status.txt"
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader > "$OUT/gpu.txt" 2>/dev/null || echo cpu > "$OUT/gpu.txt"
+# part NAME LIMIT command...: run with min(LIMIT, time left) seconds, log to OUT/NAME.log, record exit code and time
+part() {
+  local name=$1 limit=$2; shift 2
+  local left=$(( DEADLINE - $(date +%s) )); (( left < limit )) && limit=$left
+  if (( limit < 15 )); then echo "$name=skipped 0" >> "$OUT/status.txt"; return; fi
+  local begin=$(date +%s)
+  timeout --kill-after=5 "$limit" "$@" > "$OUT/$name.log" 2>&1
+  local code=$?
+  echo "$name=$code $(( $(date +%s) - begin ))" >> "$OUT/status.txt"
+  echo "== $name: exit $code in $(( $(date +%s) - begin )) s"
+}
 
 if [ -n "${SMOKE:-}" ]; then
-  timeout 300 $PY benchmarks/throughput.py --variants theirs,ours --rounds 1 --steps_per_round 3 --batch_size 8 \
-    --max_length 64 --no_quality --work_dir "$OUT/throughput"; status throughput $?
-  timeout 300 $PY benchmarks/gpu_scaling.py --cpu_smoke --work_dir "$OUT/scaling"; status scaling $?
-  timeout 200 $PY benchmarks/llm_embedders.py --hidden 192 --layers 2 --vocab 2000 --steps 1 \
-    --variants padded_lora,packed_lora --work_dir "$OUT/llm" --output "$OUT/llm.json"; status llm $?
+  part lane 120 $PY -m pytest -m gpu tests/test_gpu.py -q -p no:cacheprovider
+  part throughput_long 200 $PY benchmarks/throughput.py --variants theirs,ours --rounds 1 --steps_per_round 3 \
+    --batch_size 8 --max_length 64 --profile long --no_quality --work_dir "$OUT/throughput_long"
+  part throughput_realistic 200 $PY benchmarks/throughput.py --variants theirs,ours --rounds 1 --steps_per_round 3 \
+    --batch_size 8 --max_length 64 --profile realistic --no_quality --work_dir "$OUT/throughput_realistic"
+  part scaling 200 $PY benchmarks/gpu_scaling.py --cpu_smoke --work_dir "$OUT/scaling"
+  part llm 200 $PY benchmarks/llm_embedders.py --hidden 192 --layers 2 --vocab 2000 --steps 1 --gradient_checkpointing \
+    --variants padded_lora,packed_lora,packed --work_dir "$OUT/llm_work" --output "$OUT/llm.json"
 else
-  timeout 190 $PY benchmarks/throughput.py --gpu --variants theirs,ours --rounds 1 --steps_per_round 15 \
-    --work_dir "$OUT/throughput"; status throughput $?
-  timeout 170 $PY benchmarks/gpu_scaling.py --size large --steps 15 --configs deepspeed_zero2.yaml,fsdp.yaml \
-    --work_dir "$OUT/scaling"; status scaling $?
-  timeout 80 $PY benchmarks/llm_embedders.py --hidden 1024 --layers 28 --vocab 16000 --batch_size 16 \
-    --max_length 512 --steps 4 --bf16 --variants padded_lora,packed_lora --work_dir "$OUT/llm" \
-    --output "$OUT/llm.json"; status llm $?
+  part lane 200 $PY -m pytest -m gpu tests/test_gpu.py -q -p no:cacheprovider
+  part throughput_long 130 $PY benchmarks/throughput.py --gpu --profile long --variants theirs,ours,ours_padded \
+    --rounds 1 --steps_per_round 12 $TOK --work_dir "$OUT/throughput_long"
+  MODEL="$OUT/throughput_long/bert-large-random"
+  [ -f "$MODEL/modules.json" ] || MODEL=""
+  part throughput_realistic 110 $PY benchmarks/throughput.py --gpu --profile realistic \
+    --variants theirs,ours,ours_padded --rounds 1 --steps_per_round 12 $TOK ${MODEL:+--model $MODEL} \
+    --work_dir "$OUT/throughput_realistic"
+  part scaling 150 $PY benchmarks/gpu_scaling.py --size large --steps 12 --configs deepspeed_zero2.yaml,fsdp.yaml \
+    --timeout 70 $TOK ${MODEL:+--model $MODEL} --work_dir "$OUT/scaling"
+  part llm 150 $PY benchmarks/llm_embedders.py --hidden 1024 --layers 28 --model_vocab 151936 --vocab 16000 \
+    --batch_size 16 --max_length 512 --warmup 1 --steps 3 --bf16 --gradient_checkpointing \
+    --variants padded_lora,packed_lora,packed --work_dir "$OUT/llm_work" --output "$OUT/llm.json"
 fi
-timeout 40 $PY benchmarks/flash_check.py --output "$OUT/flash.json"; status attention_kernel $?
+part attention_kernel 60 $PY benchmarks/flash_check.py --output "$OUT/flash.json"
 
 $PY - "$OUT" "$START" <<'PYEOF'
 import json, os, sys, time
@@ -52,13 +75,29 @@ def load(path):
             return json.load(handle)
     except (OSError, ValueError):
         return None
-status = dict(line.strip().split("=", 1) for line in open(os.path.join(out, "status.txt")) if "=" in line)
+def tail(name, size=3000):
+    try:
+        with open(os.path.join(out, f"{name}.log"), errors="replace") as handle:
+            return handle.read()[-size:]
+    except OSError:
+        return None
+status = {}
+for line in open(os.path.join(out, "status.txt")):
+    if "=" in line:
+        name, rest = line.strip().split("=", 1)
+        code, seconds = rest.split()
+        status[name] = {"exit_code": None if code == "skipped" else int(code), "seconds": int(seconds)}
+lane_tail = tail("lane", 6000) or ""
 suite = {"device": open(os.path.join(out, "gpu.txt")).read().strip(), "seconds": round(time.time() - start),
-         "exit_codes": {name: int(code) for name, code in status.items()},  # 124: ran out of its time limit
-         "throughput": load("throughput/throughput.json"), "scaling": load("scaling/gpu_scaling.json"),
-         "llm_lora": load("llm.json"), "attention_kernel": load("flash.json")}
+         "parts": status,  # exit_code 124: ran out of its time limit; None: no time was left to start it
+         "lane_summary": [line for line in lane_tail.splitlines() if " passed" in line or " failed" in line
+                          or line.startswith(("FAILED", "ERROR"))],
+         "throughput_long": load("throughput_long/throughput.json"),
+         "throughput_realistic": load("throughput_realistic/throughput.json"),
+         "scaling": load("scaling/gpu_scaling.json"), "llm_lora": load("llm.json"), "attention_kernel": load("flash.json"),
+         "failed_logs": {name: tail(name) for name, part in status.items() if part["exit_code"] not in (0,)}}
 with open(os.path.join(out, "gpu_suite.json.tmp"), "w") as handle:
     json.dump(suite, handle, indent=2)
 os.replace(os.path.join(out, "gpu_suite.json.tmp"), os.path.join(out, "gpu_suite.json"))
-print(json.dumps({k: suite[k] for k in ("device", "seconds", "exit_codes")}))
+print(json.dumps({k: suite[k] for k in ("device", "seconds", "parts", "lane_summary")}, indent=1))
 PYEOF

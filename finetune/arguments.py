@@ -12,6 +12,7 @@ from pathlib import Path
 
 from transformers import TrainingArguments
 
+from finetune.attention_kernels import set_preference as set_kernel_preference
 from finetune.blend import SAMPLING_MODES, DatasetSpec, parse_dataset_specs
 from finetune.decoders import ATTENTION_MODES
 from finetune.lora import LoraSettings
@@ -57,6 +58,12 @@ class ModelArguments:
                           "skipping the padding of every batch: same embeddings and gradients, less compute. "
                           "BERT/RoBERTa/XLM-R encoders and Qwen2/3, Llama, Mistral, Gemma, Phi-3 decoders (checked "
                           "against the padded forward at load); others fall back to padded batches with a log line."})
+    attention_kernel: str = field(
+        default="auto",
+        metadata={"help": "Attention kernel of padding-free encoding: 'auto' (on CUDA in fp16/bf16 a fused "
+                          "variable-length kernel: flash_attn if installed, else torch_varlen, else flex; on CPU "
+                          "grouped_sdpa; on CUDA without one, padded sub-batches grouped by length), or one of "
+                          "flash_attn, torch_varlen, flex, grouped_sdpa to force it. The log names the kernel used."})
     attention: str | None = field(
         default=None,
         metadata={"help": "Decoder LLMs only: 'causal' or 'bidirectional' attention (NV-Embed, LLM2Vec, NeMo "
@@ -84,6 +91,7 @@ class ModelArguments:
                           "and puts the adapter on it (needs peft and the base model)."})
 
     def __post_init__(self):
+        set_kernel_preference(self.attention_kernel)  # an unknown or uninstalled kernel fails here, before any work
         if self.attention is not None and self.attention not in ATTENTION_MODES:
             raise ValueError(f"--attention must be one of {ATTENTION_MODES}, got {self.attention!r}.")
         if self.pooling is not None and self.pooling not in POOLING_MODES:
@@ -323,6 +331,7 @@ class EmbeddingTrainingArguments(TrainingArguments):
         if self.train_sampling_strategy not in SAMPLING_STRATEGIES:
             raise ValueError(f"--train_sampling_strategy {self.train_sampling_strategy} is not supported here; "
                              f"use one of {SAMPLING_STRATEGIES}.")
+        check_precision_support(self.bf16, self.use_cpu)
         # Our batches are not model kwargs: keep every column, and there are no labels.
         self.remove_unused_columns = False
         self.label_names = []
@@ -376,6 +385,17 @@ class EmbeddingTrainingArguments(TrainingArguments):
     def data_order_seed(self) -> int:
         """The one seed of the data stream: the sampler's order and the negatives drawn (--data_seed, else --seed)."""
         return self.data_seed if self.data_seed is not None else self.seed
+
+
+def check_precision_support(bf16: bool, use_cpu: bool) -> None:
+    """--bf16 on a GPU without bf16 (compute capability below 8.0: V100, T4) fails here, before any work."""
+    import torch
+
+    if bf16 and not use_cpu and torch.cuda.is_available() and not torch.cuda.is_bf16_supported(including_emulation=False):
+        major, minor = torch.cuda.get_device_capability()
+        raise ValueError(f"--bf16 true: this GPU ({torch.cuda.get_device_name()}, compute capability {major}.{minor}) "
+                         "has no bf16 support (needs 8.0+: A100, H100, L4, RTX 30xx or newer). Use --fp16 true "
+                         "instead (the loss is scaled), or train in fp32.")
 
 
 def _split_list(values) -> list[str]:

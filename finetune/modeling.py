@@ -6,6 +6,7 @@ or SentenceTransformer folder/repo and saves a complete SentenceTransformer fold
 
 from __future__ import annotations
 
+import logging
 import os
 
 import torch
@@ -14,10 +15,13 @@ from transformers import AutoModel, AutoTokenizer, PreTrainedTokenizerBase
 
 from finetune.decoders import is_decoder, prepare_decoder_tokenizer, set_attention
 from finetune.lora import ADAPTER_FOLDER, LoraSettings, add_lora, load_adapter, merge_lora_weights, save_adapter
-from finetune.packing import enable_padding_free, encode_packed
+from finetune import attention_kernels
+from finetune.packing import enable_padding_free, encode_length_grouped, encode_packed
 from finetune.pooling import pool
 from finetune.st_layout import read_sentence_transformer_config, write_sentence_transformer_files
 from finetune.text import TextSide
+
+logger = logging.getLogger("finetune.modeling")
 
 
 def _load_encoder(model_name_or_path: str, subfolder: str, trust_remote_code: bool) -> nn.Module:
@@ -60,14 +64,16 @@ class EmbeddingModel(nn.Module):
     ``query``/``document`` prompts); the data pipeline applies prompts and truncation
     (``finetune.text``) before tokens reach ``forward``. Similarity is cosine, as in training.
     ``padding_free``: run the encoder on real tokens only (``finetune.packing``) when the model
-    supports it; the embeddings are the same as with padded batches. ``lora``: train LoRA adapters
+    supports it; the embeddings are the same as with padded batches; ``attention_kernel`` picks its attention
+    kernel ('auto' or a name of ``finetune.attention_kernels.KERNELS``). ``lora``: train LoRA adapters
     only (``finetune.lora``); saves fold them into plain weights.
     """
 
     def __init__(self, encoder: nn.Module, tokenizer: PreTrainedTokenizerBase, *, pooling: str, normalize: bool,
                  query_prefix: str = "", document_prefix: str = "", max_seq_length: int = 512,
-                 padding_free: bool = False, lora: LoraSettings | None = None):
+                 padding_free: bool = False, lora: LoraSettings | None = None, attention_kernel: str = "auto"):
         super().__init__()
+        attention_kernels.set_preference(attention_kernel)
         self.position_rule = enable_padding_free(encoder, max_seq_length) if padding_free else None
         self.lora = lora
         self.encoder = add_lora(encoder, lora) if lora is not None else encoder
@@ -81,7 +87,8 @@ class EmbeddingModel(nn.Module):
     @classmethod
     def from_pretrained(cls, model_name_or_path: str, *, pooling: str | None = None, normalize: bool | None = None,
                         trust_remote_code: bool = False, padding_free: bool = False, lora: LoraSettings | None = None,
-                        attention: str | None = None, **metadata) -> "EmbeddingModel":
+                        attention: str | None = None, attention_kernel: str = "auto",
+                        **metadata) -> "EmbeddingModel":
         """Load an HF encoder or a SentenceTransformer; ``None`` options come from its ST config.
 
         Defaults for a plain HF encoder: mean pooling with normalisation; for a decoder LLM
@@ -115,7 +122,7 @@ class EmbeddingModel(nn.Module):
         pooling = pooling or st.pooling or ("lasttoken" if decoder else "mean")
         normalize = normalize if normalize is not None else (st.normalize if st.normalize is not None else True)
         return cls(encoder, tokenizer, pooling=pooling, normalize=normalize, padding_free=padding_free, lora=lora,
-                   **metadata)
+                   attention_kernel=attention_kernel, **metadata)
 
     @property
     def config(self):
@@ -138,12 +145,37 @@ class EmbeddingModel(nn.Module):
         return self.encoder.config.hidden_size
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        """Shapes: input_ids, attention_mask (B, T) -> embeddings (B, D)."""
-        if self.position_rule is not None:
+        """Shapes: input_ids, attention_mask (B, T) -> embeddings (B, D).
+
+        Padding-free models pack the batch where a fused attention kernel runs (any CPU; on CUDA in fp16/bf16);
+        on CUDA without one they encode padded sub-batches of similar length instead (``encode_length_grouped``).
+        """
+        if self.position_rule is not None and self._packs_on(input_ids.device):
             token_emb = encode_packed(self.encoder, input_ids, attention_mask, self.position_rule)  # (B, T, D)
+        elif self.position_rule is not None:
+            token_emb = encode_length_grouped(self.encoder, input_ids, attention_mask, self.position_rule)
         else:
             token_emb = self.encoder(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
         return pool(token_emb, attention_mask, self.pooling, self.normalize)
+
+    def _packs_on(self, device: torch.device) -> bool:
+        """Whether a packed forward runs a fused kernel here (always on CPU): the compute dtype is autocast's when
+        it is on, else the weights' (DeepSpeed's bf16 weights)."""
+        if device.type != "cuda":
+            return True
+        dtype = (torch.get_autocast_dtype("cuda") if torch.is_autocast_enabled("cuda")
+                 else next(self.encoder.parameters()).dtype)
+        config = self.encoder.config
+        head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+        fused = attention_kernels.fused_kernel_available(device, dtype, head_dim)
+        if not fused and not getattr(self, "_logged_padded_fallback", False):
+            self._logged_padded_fallback = True
+            logger.warning("No fused variable-length attention kernel for %s on %s (%s): padded sub-batches grouped "
+                           "by length instead of packing (train with --bf16 true, or install flash-attn).",
+                           dtype, torch.cuda.get_device_name(device), ", ".join(
+                               f"{name}: {attention_kernels.unavailable_reason(name, device, dtype, head_dim)}"
+                               for name in attention_kernels.FUSED_KERNELS))
+        return fused
 
     def activation_checkpointing_enable(self, activation_checkpointing_kwargs: dict | None = None, **options) -> None:
         """Called by the Trainer for ``--gradient_checkpointing`` (transformers 5: ``every_n_layers``, ``offload``)."""

@@ -4,19 +4,19 @@ A padded batch ``(B, T)`` whose rows hold ``n_i <= T`` real tokens costs ``B * T
 every dense layer, although only ``N = sum(n_i)`` of them matter. Here the real tokens are packed
 into one row ``(1, N)``; the encoder's own modules run unchanged on it (so DDP, DeepSpeed ZeRO,
 FSDP unit wrapping and gradient checkpointing see the usual module calls), and only the attention
-is swapped for ``packed_attention``, which re-pads the packed queries/keys/values into a few
-groups of similar length and calls SDPA per group with a key mask. Results equal the padded
-forward up to float rounding; gradients too. Dropout draws different (equally distributed) masks.
+is swapped for ``packed_attention``, which hands the packed queries/keys/values and the sequence
+boundaries to a kernel (``finetune.attention_kernels``): on CUDA a fused variable-length kernel over
+the whole pack (flash-attn's or PyTorch's varlen flash attention, FlexAttention with a document mask),
+on CPU SDPA per group of similar lengths. Results equal the padded forward up to float rounding;
+gradients too. Dropout draws different (equally distributed) masks.
 
 Decoder LLMs take the same path: rotary positions restart at 0 for each packed sequence (rule
-"sequence"), each group is causal (SDPA's ``is_causal`` over right-padded groups: no real query
-sees a later token or a pad) or bidirectional (key mask) as the model's config says, and grouped-query
-attention keys/values (fewer heads than the queries) go to SDPA as they are (``enable_gqa``).
+"sequence"), attention is causal or bidirectional as the model's config says, and grouped-query
+attention keys/values (fewer heads than the queries) go to the kernel as they are.
 transformers' own packed-sequence support (position ids that restart) builds one (N, N) mask over
-the whole pack for SDPA/eager attention, quadratic in the packed length, so it is not used here;
-with flash-attn installed, on CUDA in fp16/bf16, ``packed_attention`` calls its varlen kernel over the
-whole pack instead (cumulative sequence lengths, no re-padding at all), as transformers' own
-flash-attention path does; the choice is logged.
+the whole pack for SDPA/eager attention, quadratic in the packed length, so it is not used here.
+The layout of a pack (cumulative lengths on the device, lengths on the host) is built once per
+forward: one host read of the B lengths, none per layer.
 
 Only models whose attention goes through transformers' attention interface and whose position
 ids we can reproduce are supported (``PADDING_FREE_MODEL_TYPES``); ``enable_padding_free`` checks
@@ -32,6 +32,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from finetune.attention_kernels import attend, tolerance_for
 
 logger = logging.getLogger("finetune.packing")
 
@@ -54,7 +56,7 @@ MIN_GROUP_SIZE = 4
 
 @dataclass
 class AttentionGroup:
-    """Sequences of similar length re-padded together for attention.
+    """Sequences of similar length re-padded together for grouped-SDPA attention (``attention_kernels``).
 
     ``gather``: (G * L,) indices into the packed tokens (padding slots point at token 0 and are masked);
     ``key_mask``: (G, 1, 1, L) bool, True for real keys, or None when all G sequences have length L;
@@ -70,31 +72,52 @@ class AttentionGroup:
 
 @dataclass
 class PackedLayout:
-    """Where each packed token came from and how attention regroups it.
+    """Where each packed token came from and where each sequence of the pack starts.
 
     ``token_index``: (N,) flat indices into the padded ``B * T`` batch, row-major (None, and ``seq_len`` 0, in
-    a layout rebuilt from the lengths for attention only);
-    ``restore``: (N,) order that turns the concatenated group outputs back into packed order.
+    a layout rebuilt from the lengths for attention only); ``lengths``: (B,) real tokens per sequence (device),
+    ``host_lengths`` the same on the host (read once per forward); ``cu_seqlens``: (B + 1,) int32 start of each
+    sequence in the pack, then N (the fused kernels' input). The length groups and ``restore`` order of grouped
+    SDPA are built on first use only, so a fused kernel never pays for them.
     """
 
     token_index: torch.Tensor | None
     batch_size: int
     seq_len: int
-    groups: list[AttentionGroup]
-    restore: torch.Tensor
-    cu_seqlens: torch.Tensor  # (B + 1,) int32 start of each sequence in the pack, then N (flash-attn varlen)
+    cu_seqlens: torch.Tensor
     max_length: int
-    lengths: torch.Tensor  # (B,) real tokens per sequence, in packed order
+    lengths: torch.Tensor
+    host_lengths: list[int]
+    _groups: tuple | None = None
+
+    @property
+    def groups(self) -> list[AttentionGroup]:
+        if self._groups is None:
+            self._groups = _attention_groups(self.lengths, self.host_lengths, self.cu_seqlens[:-1].long())
+        return self._groups[0]
+
+    @property
+    def restore(self) -> torch.Tensor:
+        """(N,) order that turns the concatenated group outputs back into packed order."""
+        self.groups  # noqa: B018 (built together)
+        return self._groups[1]
+
+    def document_ids(self) -> torch.Tensor:
+        """(N,) index of the sequence each packed token belongs to (FlexAttention's document mask)."""
+        return torch.repeat_interleave(torch.arange(self.batch_size, device=self.lengths.device), self.lengths,
+                                       output_size=sum(self.host_lengths))
 
 
-def _attention_groups(lengths: torch.Tensor, starts: torch.Tensor) -> tuple[list[AttentionGroup], torch.Tensor]:
+def _attention_groups(lengths: torch.Tensor, host_lengths: list[int],
+                      starts: torch.Tensor) -> tuple[list[AttentionGroup], torch.Tensor]:
     """Split sequences (sorted by length) into at most MAX_ATTENTION_GROUPS groups of similar length.
 
-    Index tensors are built with tensor ops (no per-token Python); only the B lengths go to the host.
+    Index tensors are built with tensor ops (no per-token Python) from the lengths already on the host.
     """
     device = lengths.device
-    order = torch.argsort(lengths, stable=True)
-    sorted_lengths = lengths[order].tolist()
+    order_list = sorted(range(len(host_lengths)), key=host_lengths.__getitem__)  # stable, as argsort(stable=True)
+    order = torch.tensor(order_list, device=device)
+    sorted_lengths = [host_lengths[i] for i in order_list]
     num_groups = max(1, min(MAX_ATTENTION_GROUPS, len(sorted_lengths) // MIN_GROUP_SIZE))
     bounds = [round(i * len(sorted_lengths) / num_groups) for i in range(num_groups + 1)]
     groups, packed_positions = [], []
@@ -105,10 +128,11 @@ def _attention_groups(lengths: torch.Tensor, starts: torch.Tensor) -> tuple[list
         positions = starts[members][:, None] + offsets[None]  # (G, L) packed index of each slot
         valid = offsets[None] < lengths[members][:, None]  # (G, L)
         uniform = sorted_lengths[first] == length
+        real = sum(sorted_lengths[first:last])
         groups.append(AttentionGroup(torch.where(valid, positions, 0).reshape(-1),
                                      None if uniform else valid[:, None, None, :],
-                                     valid.reshape(-1).nonzero().squeeze(1), last - first, length))
-        packed_positions.append(positions[valid])
+                                     torch.nonzero_static(valid.reshape(-1), size=real).squeeze(1), last - first, length))
+        packed_positions.append(positions.reshape(-1)[groups[-1].real_slots])
     packed_positions = torch.cat(packed_positions)
     restore = torch.empty_like(packed_positions)
     restore[packed_positions] = torch.arange(len(packed_positions), device=device)
@@ -119,46 +143,57 @@ def pack(input_ids: torch.Tensor, attention_mask: torch.Tensor, position_rule: s
          padding_idx: int = 0) -> tuple[torch.Tensor, torch.Tensor, PackedLayout]:
     """Padded ``(B, T)`` ids and mask -> packed ids ``(1, N)``, position ids ``(1, N)`` and the layout.
 
-    Real tokens may sit anywhere in a row (left or right padding); their order is kept.
+    Real tokens may sit anywhere in a row (left or right padding); their order is kept. The B lengths are the
+    only values read back to the host (one synchronisation per forward on a GPU).
     """
+    if position_rule not in ("row", "count", "sequence"):
+        raise ValueError(f"Unknown position rule {position_rule!r}: padding-free encoding is not enabled for this "
+                         "model (enable_padding_free returned None); use the padded forward.")
     batch_size, seq_len = input_ids.shape
     real = attention_mask.bool()
-    token_index = real.reshape(-1).nonzero().squeeze(1)  # (N,)
+    lengths = real.sum(dim=1)
+    host_lengths = lengths.tolist()
+    token_index = torch.nonzero_static(real.reshape(-1), size=sum(host_lengths)).squeeze(1)  # (N,), no second sync
     if position_rule == "row":
         positions = torch.arange(seq_len, device=input_ids.device).expand(batch_size, seq_len)
     elif position_rule == "count":
         positions = torch.cumsum(real.long(), dim=1) + padding_idx
-    elif position_rule == "sequence":
-        positions = torch.cumsum(real.long(), dim=1) - 1
     else:
-        raise ValueError(f"Unknown position rule {position_rule!r}.")
+        positions = torch.cumsum(real.long(), dim=1) - 1
     packed_ids = input_ids.reshape(-1)[token_index].unsqueeze(0)
     position_ids = positions.reshape(-1)[token_index].unsqueeze(0)
-    layout = attention_layout(real.sum(dim=1))
+    layout = attention_layout(lengths, host_lengths)
     layout.token_index, layout.seq_len = token_index, seq_len
     return packed_ids, position_ids, layout
 
 
-def attention_layout(lengths: torch.Tensor) -> PackedLayout:
-    """The attention part of a layout (groups, restore order, cumulative lengths) from the lengths (B,) alone."""
-    starts = torch.cumsum(lengths, dim=0) - lengths
-    groups, restore = _attention_groups(lengths, starts)
+def attention_layout(lengths: torch.Tensor, host_lengths: list[int] | None = None) -> PackedLayout:
+    """The attention part of a layout from the lengths (B,) alone (reads them to the host unless given)."""
+    host_lengths = lengths.tolist() if host_lengths is None else host_lengths
     cu_seqlens = F.pad(torch.cumsum(lengths, dim=0), (1, 0)).to(torch.int32)
-    return PackedLayout(None, len(lengths), 0, groups, restore, cu_seqlens, max(g.length for g in groups), lengths)
+    return PackedLayout(None, len(host_lengths), 0, cu_seqlens, max(host_lengths, default=0), lengths, host_lengths)
 
 
-_LAST_LAYOUT: tuple = (None, None)  # (lengths tensor, its layout): every layer of one forward reuses it
+_RECENT_LAYOUTS: tuple = ()  # ((lengths tensor, its layout), ...): the last few packs, newest first
+_RECENT_LIMIT = 8
+
+
+def remember_layout(layout: PackedLayout) -> None:
+    """Make ``layout`` the one its lengths tensor finds (``layout_for``). The cache is one tuple, read and replaced
+    whole, so threads (nn.DataParallel replicas) never pair one pack's lengths with another's layout."""
+    global _RECENT_LAYOUTS
+    _RECENT_LAYOUTS = ((layout.lengths, layout),) + tuple(
+        entry for entry in _RECENT_LAYOUTS if entry[0] is not layout.lengths)[:_RECENT_LIMIT - 1]
 
 
 def layout_for(lengths: torch.Tensor) -> PackedLayout:
-    """The layout of these lengths: the current pack's, or rebuilt (a layer recomputed by gradient checkpointing
-    after another forward). The cache entry is one tuple, read and replaced whole, so threads (nn.DataParallel
-    replicas) never pair one pack's lengths with another's layout."""
-    global _LAST_LAYOUT
-    key, layout = _LAST_LAYOUT
-    if key is not lengths:
-        layout = attention_layout(lengths)
-        _LAST_LAYOUT = (lengths, layout)
+    """The layout of these lengths: one of the last few packs' (queries, documents, GradCache chunks: a layer
+    recomputed by gradient checkpointing in the backward pass finds its forward's), else rebuilt."""
+    for key, layout in _RECENT_LAYOUTS:
+        if key is lengths:
+            return layout
+    layout = attention_layout(lengths)
+    remember_layout(layout)
     return layout
 
 
@@ -174,10 +209,9 @@ def packed_attention(module: nn.Module, query: torch.Tensor, key: torch.Tensor, 
                      **kwargs) -> tuple[torch.Tensor, None]:
     """transformers attention-interface function; shapes: query (1, H, N, d), key/value (1, H_kv, N, d) -> (1, N, H, d).
 
-    Causal when the model says so (``is_causal`` keyword, else the module's ``is_causal``): each group is
-    right-padded, so SDPA's causal mask alone keeps every real query off later tokens and pads. Without a
-    packed forward running (an ordinary padded call) it is plain SDPA, so a model switched to it still
-    works for any caller.
+    Causal when the model says so (``is_causal`` keyword, else the module's ``is_causal``). The kernel is chosen by
+    ``attention_kernels.attend`` (fused varlen on CUDA, grouped SDPA on CPU). Without a packed forward running (an
+    ordinary padded call) it is plain SDPA, so a model switched to it still works for any caller.
     """
     lengths = kwargs.pop("packed_lengths", None)
     if lengths is None:
@@ -189,52 +223,11 @@ def packed_attention(module: nn.Module, query: torch.Tensor, key: torch.Tensor, 
     causal = kwargs.pop("is_causal", None)
     causal = getattr(module, "is_causal", False) if causal is None else causal
     window = kwargs.pop("sliding_window", None)
-    if kwargs.get("softcap") is not None or (window is not None and max(g.length for g in layout.groups) > window):
+    if kwargs.get("softcap") is not None or (window is not None and layout.max_length > window):
         raise NotImplementedError("packed attention has no logit soft-capping or sliding window shorter than a text")
-    heads, kv_heads, head_dim = query.shape[1], key.shape[1], query.shape[3]
     q, k, v = (tensor[0].transpose(0, 1) for tensor in (query, key, value))  # (N, H or H_kv, d)
-    varlen = flash_varlen_kernel(q)
-    if varlen is not None:  # no re-padding at all: one kernel over the pack, sequences by cu_seqlens
-        try:
-            out = varlen(q, k, v, cu_seqlens_q=layout.cu_seqlens.to(q.device), cu_seqlens_k=layout.cu_seqlens.to(q.device),
-                         max_seqlen_q=layout.max_length, max_seqlen_k=layout.max_length, dropout_p=dropout,
-                         softmax_scale=scaling, causal=bool(causal))  # (N, H, d) in packed order
-            return out.unsqueeze(0), None
-        except RuntimeError as error:  # e.g. a GPU or head size the installed flash-attn does not support
-            _FLASH_FAILED.append(str(error))
-            logger.warning("flash-attn's varlen kernel failed (%s): grouped SDPA from now on.", error)
-    outputs = []
-    for group in layout.groups:
-        def regroup(tokens: torch.Tensor) -> torch.Tensor:  # (N, h, d) -> (G, h, L, d)
-            return tokens.index_select(0, group.gather).view(group.num_sequences, group.length, tokens.shape[1],
-                                                             head_dim).transpose(1, 2)
-        out = F.scaled_dot_product_attention(regroup(q), regroup(k), regroup(v),
-                                             attn_mask=None if causal else group.key_mask, is_causal=bool(causal),
-                                             dropout_p=dropout, scale=scaling, enable_gqa=kv_heads != heads)
-        out = out.transpose(1, 2).reshape(group.num_sequences * group.length, heads, head_dim)  # from (G, H, L, d)
-        outputs.append(out.index_select(0, group.real_slots))
-    merged = torch.cat(outputs).index_select(0, layout.restore)  # (N, H, d) in packed order
-    return merged.unsqueeze(0), None
-
-
-_KERNEL_LOGGED = set()
-_FLASH_FAILED: list[str] = []  # set once the varlen kernel raised: grouped SDPA is used from then on
-
-
-def flash_varlen_kernel(tensor: torch.Tensor):
-    """flash-attn's ``flash_attn_varlen_func`` when it is installed and applies (CUDA, fp16/bf16), else None
-    (grouped SDPA). The choice is logged once per process."""
-    kernel = None
-    if tensor.is_cuda and tensor.dtype in (torch.float16, torch.bfloat16) and not _FLASH_FAILED:
-        try:
-            from flash_attn import flash_attn_varlen_func as kernel
-        except ImportError:
-            kernel = None
-    name = "flash-attn varlen" if kernel is not None else "grouped SDPA"
-    if name not in _KERNEL_LOGGED:
-        _KERNEL_LOGGED.add(name)
-        logger.info("Padding-free attention kernel: %s (%s, %s).", name, tensor.device, tensor.dtype)
-    return kernel
+    out = attend(q, k, v, layout, dropout=dropout, scale=scaling, causal=bool(causal))  # (N, H, d) in packed order
+    return out.unsqueeze(0), None
 
 
 def packed_or_sdpa_mask(*args, **kwargs):
@@ -283,8 +276,7 @@ def position_rule_for(encoder: nn.Module, max_length: int | None = None) -> str 
 def _enter_packed(input_ids: torch.Tensor, attention_mask: torch.Tensor, position_rule: str, padding_idx: int):
     """Pack and make the layout current (outside ``torch.compile``: lengths go to the host)."""
     packed_ids, position_ids, layout = pack(input_ids, attention_mask, position_rule, padding_idx)
-    global _LAST_LAYOUT
-    _LAST_LAYOUT = (layout.lengths, layout)
+    remember_layout(layout)
     return packed_ids, position_ids, layout.lengths, _PACKED_LAYOUT.set(layout)
 
 
@@ -314,12 +306,45 @@ def encode_packed(encoder: nn.Module, input_ids: torch.Tensor, attention_mask: t
     return _exit_packed(hidden[0], token)
 
 
+LENGTH_GROUPS = 4  # padded sub-batches per batch where no fused kernel runs on the GPU
+
+
+def encode_length_grouped(encoder: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                          position_rule: str, groups: int = LENGTH_GROUPS) -> torch.Tensor:
+    """Token states ``(B, T, D)`` (zeros at padding) from padded sub-batches of similar length.
+
+    The GPU fallback where no fused variable-length kernel applies: the rows are sorted by length and split into
+    ``groups`` sub-batches, each cut to the columns its real tokens span, so little padding is computed, with
+    the encoder's own padded forward (and the same batch composition: only the forward is split). BERT numbers
+    positions by column ("row" rule), so its sub-batches keep column 0 and drop trailing columns only.
+    """
+    lengths = attention_mask.sum(dim=1).tolist()
+    order = sorted(range(len(lengths)), key=lengths.__getitem__)
+    bounds = [round(i * len(order) / groups) for i in range(groups + 1)]
+    token_emb = None
+    for first, last in zip(bounds[:-1], bounds[1:]):
+        if first == last:
+            continue
+        rows = torch.tensor(order[first:last], device=input_ids.device)
+        mask = attention_mask.index_select(0, rows)
+        columns = mask.any(dim=0).nonzero().squeeze(1).tolist()
+        start = 0 if position_rule == "row" else columns[0]
+        end = columns[-1] + 1
+        hidden = encoder(input_ids=input_ids.index_select(0, rows)[:, start:end],
+                         attention_mask=mask[:, start:end]).last_hidden_state
+        if token_emb is None:
+            token_emb = hidden.new_zeros(*input_ids.shape, hidden.shape[-1])
+        token_emb[rows, start:end] = hidden * mask[:, start:end, None].to(hidden.dtype)
+    return token_emb
+
+
 def enable_padding_free(encoder: nn.Module, max_length: int | None = None) -> str | None:
     """Switch the model to packed attention when supported and verified; returns its position rule or None.
 
     The check runs a small batch of unequal lengths, padded on the right and on the left, both ways
-    (eval mode, no grad) and keeps the padded path, with a warning, if they disagree or the packed
-    forward fails. Skipped under ZeRO-3, whose weights are not materialised at load time.
+    (eval mode, no grad) and keeps the padded path, with a warning, if they disagree beyond the tolerance of the
+    weights' dtype (``attention_kernels.TOLERANCE``) or the packed forward fails. Skipped under ZeRO-3, whose
+    weights are not materialised at load time.
     """
     rule = position_rule_for(encoder, max_length)
     if rule is None:
@@ -352,7 +377,8 @@ def enable_padding_free(encoder: nn.Module, max_length: int | None = None) -> st
             padded = encoder(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state.float()
             packed = encode_packed(encoder, input_ids, attention_mask, rule).float()
         difference = ((padded - packed) * attention_mask[..., None]).abs().max().item()
-        agrees = difference < 1e-3 * max(1.0, padded.abs().max().item())
+        dtype = next(encoder.parameters()).dtype  # bf16 weights differ by rounding alone far more than fp32 ones
+        agrees = difference < tolerance_for(dtype) * max(1.0, padded.abs().max().item())
     except (NotImplementedError, RuntimeError, TypeError, ValueError) as error:  # a kernel/argument it lacks
         difference, agrees = float("nan"), False
         logger.info("The packed forward failed for this model: %s", error)

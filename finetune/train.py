@@ -26,6 +26,7 @@ from finetune.distributed import PeerProcessError, peer_failure_message
 from finetune.hub import HubPushError, SentenceTransformerHubMixin
 from finetune.modeling import EmbeddingModel, ModelLoadError
 from finetune.monitoring import NonFiniteError
+from finetune.out_of_memory import TrainingOutOfMemoryError, explain_out_of_memory
 from finetune.schema import DataFormatError
 from finetune.sharing import configure_tracking, share
 from finetune.trainer import EmbeddingTrainer
@@ -134,7 +135,7 @@ def run(model_args: ModelArguments, data_args: DataArguments, training_args: Emb
     model = EmbeddingModel.from_pretrained(
         model_args.model_name_or_path, pooling=model_args.pooling, normalize=model_args.normalize,
         trust_remote_code=model_args.trust_remote_code, padding_free=model_args.padding_free, lora=model_args.lora,
-        attention=model_args.attention,
+        attention=model_args.attention, attention_kernel=model_args.attention_kernel,
         query_prefix=data_args.query_prefix, document_prefix=data_args.passage_prefix,
         max_seq_length=max(data_args.query_max_length, data_args.passage_max_length))
     too_large = [dim for dim in training_args.matryoshka_dims or [] if dim > model.embedding_dimension]
@@ -162,7 +163,8 @@ def run(model_args: ModelArguments, data_args: DataArguments, training_args: Emb
     trainer = HubEmbeddingTrainer(model=model, args=training_args, train_dataset=train_dataset,
                                   eval_dataset=eval_dataset, data_collator=TripletCollator(model.tokenizer, pad_multiple),
                                   processing_class=model.tokenizer, evaluator=data.evaluator, objective=data.objective)
-    with peer_failure_message(training_args.output_dir, training_args.world_size):
+    with peer_failure_message(training_args.output_dir, training_args.world_size), \
+            explain_out_of_memory(model, model_args, data_args, training_args):
         train_result = trainer.train(resume_from_checkpoint=resume_from)
     trainer.save_model()
     metrics = dict(train_result.metrics)
@@ -206,7 +208,7 @@ def cli() -> None:
     try:
         main()
     except (DataFormatError, OutputDirError, ConfigError, ModelLoadError, NonFiniteError, FileNotFoundError, HubPushError,
-            PeerProcessError, CheckpointWriteError) as error:
+            PeerProcessError, CheckpointWriteError, TrainingOutOfMemoryError) as error:
         print(f"error: {error}", file=sys.stderr)
         sys.exit(2)
 

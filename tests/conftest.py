@@ -58,8 +58,9 @@ def write_jsonl(path, records) -> str:
     return str(path)
 
 
-def build_tiny_bert(directory: str, padding_side: str = "right") -> str:
-    """A 2-layer, 32-dim BERT with random weights and a WordPiece tokenizer trained on the spot."""
+def build_tiny_bert(directory: str, padding_side: str = "right", **shape) -> str:
+    """A 2-layer, 32-dim BERT with random weights and a WordPiece tokenizer trained on the spot (``shape``: other
+    BertConfig sizes, e.g. the GPU lane's 64-dim heads)."""
     from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors, trainers
     from transformers import BertConfig, BertModel, PreTrainedTokenizerFast
 
@@ -75,8 +76,9 @@ def build_tiny_bert(directory: str, padding_side: str = "right") -> str:
                                    sep_token="[SEP]", mask_token="[MASK]", padding_side=padding_side,
                                    model_max_length=128)
     torch.manual_seed(0)
-    config = BertConfig(vocab_size=tokenizer.get_vocab_size(), hidden_size=32, num_hidden_layers=2,
-                        num_attention_heads=2, intermediate_size=64, max_position_embeddings=128)
+    config = BertConfig(vocab_size=tokenizer.get_vocab_size(), **{**dict(
+        hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64, max_position_embeddings=128),
+        **shape})
     BertModel(config).save_pretrained(directory)
     fast.save_pretrained(directory)
     return directory
@@ -163,9 +165,10 @@ def make_trainer(model_path, tmp_path, *, records=None, num_hard_negatives=2, ob
     return trainer, model, batch
 
 
-def build_tiny_decoder(directory: str, family: str = "qwen3") -> str:
+def build_tiny_decoder(directory: str, family: str = "qwen3", **shape) -> str:
     """A 2-layer decoder of ``family`` (qwen3, llama, mistral) with random weights, grouped-query attention
-    (4 query heads, 2 key/value heads) and a byte-level BPE tokenizer trained on the spot (EOS, no pad token)."""
+    (4 query heads, 2 key/value heads) and a byte-level BPE tokenizer trained on the spot (EOS, no pad token);
+    ``shape``: other config sizes (the GPU lane's 64-dim heads)."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import (LlamaConfig, LlamaModel, MistralConfig, MistralModel, PreTrainedTokenizerFast,
                               Qwen3Config, Qwen3Model)
@@ -181,7 +184,7 @@ def build_tiny_decoder(directory: str, family: str = "qwen3") -> str:
                   eos_token_id=fast.eos_token_id)
     config_class, model_class = {"qwen3": (Qwen3Config, Qwen3Model), "llama": (LlamaConfig, LlamaModel),
                                  "mistral": (MistralConfig, MistralModel)}[family]
-    config = config_class(**shapes, **({"head_dim": 8} if family == "qwen3" else {}))
+    config = config_class(**{**shapes, **({"head_dim": 8} if family == "qwen3" else {}), **shape})
     torch.manual_seed(0)
     model_class(config).save_pretrained(directory)
     fast.save_pretrained(directory)

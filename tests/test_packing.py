@@ -245,6 +245,18 @@ def reference_varlen(q, k, v, *, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_s
     return torch.cat(outputs)
 
 
+def use_stand_in_kernel(monkeypatch, name, **functions):
+    """Make ``name`` the kernel ``attention_kernels.attend`` picks on this CPU, with stand-in library functions
+    (``flash_attn_function=``, ``torch_varlen_function=``) for the ones that need CUDA."""
+    from finetune import attention_kernels
+
+    attention_kernels.reset()
+    monkeypatch.setattr(attention_kernels, "candidates", lambda device: (name,))
+    monkeypatch.setattr(attention_kernels, "unavailable_reason", lambda *args: None)
+    for function, stand_in in functions.items():
+        monkeypatch.setattr(attention_kernels, f"_{function}", lambda stand_in=stand_in: stand_in)
+
+
 @pytest.mark.parametrize("attention", ["causal", "bidirectional"])
 def test_the_flash_varlen_branch_gets_the_packs_sequence_boundaries(attention, tmp_path, monkeypatch):
     """Where flash-attn is installed (CUDA) the pack goes to its varlen kernel; here a loop with the same contract
@@ -253,7 +265,7 @@ def test_the_flash_varlen_branch_gets_the_packs_sequence_boundaries(attention, t
     packed_model = copy.deepcopy(padded_model).eval()
     padded_model.eval()
     rule = enable_padding_free(packed_model)
-    monkeypatch.setattr(packing, "flash_varlen_kernel", lambda tensor: reference_varlen)
+    use_stand_in_kernel(monkeypatch, "flash_attn", flash_attn_function=reference_varlen)
     input_ids, mask = random_batch(padding_side="left", seed=9, vocab=200)
     with torch.no_grad():
         reference = masked(padded_model(input_ids=input_ids, attention_mask=mask).last_hidden_state, mask)
