@@ -67,6 +67,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
                        scale=reference.float().abs().max().item(), dropped=dict(attention_kernels._failed))
             rows.append(row)
             print(json.dumps(row), flush=True)
+            if args.output:  # after each row: a kernel that compiles too long leaves the others' rows
+                Path(args.output).write_text(json.dumps(rows, indent=2))
     attention_kernels.set_preference("auto")
     if args.output:
         Path(args.output).write_text(json.dumps(rows, indent=2))

@@ -50,24 +50,24 @@ if [ -n "${SMOKE:-}" ]; then
   part llm 200 $PY benchmarks/llm_embedders.py --hidden 192 --layers 2 --vocab 2000 --steps 1 --gradient_checkpointing \
     --variants padded_lora,packed_lora,packed --work_dir "$OUT/llm_work" --output "$OUT/llm.json"
 else
-  part lane 200 $PY -m pytest -m gpu tests/test_gpu.py -q -p no:cacheprovider
-  part throughput_long 130 $PY benchmarks/throughput.py --gpu --profile long --variants theirs,ours,ours_padded \
-    --rounds 1 --steps_per_round 12 $TOK --work_dir "$OUT/throughput_long"
+  part lane 170 $PY -m pytest -m gpu tests/test_gpu.py -v -p no:cacheprovider
+  part throughput_long 110 $PY benchmarks/throughput.py --gpu --profile long --variants theirs,ours,ours_padded \
+    --rounds 1 --steps_per_round 10 $TOK --work_dir "$OUT/throughput_long"
   MODEL="$OUT/throughput_long/bert-large-random"
   [ -f "$MODEL/modules.json" ] || MODEL=""
-  part throughput_realistic 110 $PY benchmarks/throughput.py --gpu --profile realistic \
-    --variants theirs,ours,ours_padded --rounds 1 --steps_per_round 12 $TOK ${MODEL:+--model $MODEL} \
+  part throughput_realistic 90 $PY benchmarks/throughput.py --gpu --profile realistic \
+    --variants theirs,ours,ours_padded --rounds 1 --steps_per_round 10 $TOK ${MODEL:+--model $MODEL} \
     --work_dir "$OUT/throughput_realistic"
-  part scaling 150 $PY benchmarks/gpu_scaling.py --size large --steps 12 --configs deepspeed_zero2.yaml,fsdp.yaml \
-    --timeout 70 $TOK ${MODEL:+--model $MODEL} --work_dir "$OUT/scaling"
-  part llm 150 $PY benchmarks/llm_embedders.py --hidden 1024 --layers 28 --model_vocab 151936 --vocab 16000 \
+  part llm 120 $PY benchmarks/llm_embedders.py --hidden 1024 --layers 28 --model_vocab 151936 --vocab 16000 \
     --batch_size 16 --max_length 512 --warmup 1 --steps 3 --bf16 --gradient_checkpointing \
     --variants padded_lora,packed_lora,packed --work_dir "$OUT/llm_work" --output "$OUT/llm.json"
+  part scaling 120 $PY benchmarks/gpu_scaling.py --size large --steps 10 --configs deepspeed_zero2.yaml,fsdp.yaml \
+    --timeout 55 $TOK ${MODEL:+--model $MODEL} --work_dir "$OUT/scaling"
 fi
-part attention_kernel 60 $PY benchmarks/flash_check.py --output "$OUT/flash.json"
+part attention_kernel 40 $PY benchmarks/flash_check.py --output "$OUT/flash.json"
 
 $PY - "$OUT" "$START" <<'PYEOF'
-import json, os, sys, time
+import json, os, re, sys, time
 out, start = sys.argv[1], int(sys.argv[2])
 def load(path):
     try:
@@ -90,8 +90,8 @@ for line in open(os.path.join(out, "status.txt")):
 lane_tail = tail("lane", 6000) or ""
 suite = {"device": open(os.path.join(out, "gpu.txt")).read().strip(), "seconds": round(time.time() - start),
          "parts": status,  # exit_code 124: ran out of its time limit; None: no time was left to start it
-         "lane_summary": [line for line in lane_tail.splitlines() if " passed" in line or " failed" in line
-                          or line.startswith(("FAILED", "ERROR"))],
+         "lane_summary": [line for line in lane_tail.splitlines()
+                          if re.search(r"\d+ (passed|failed|skipped|error)|PASSED|FAILED|ERROR|SKIPPED", line)],
          "throughput_long": load("throughput_long/throughput.json"),
          "throughput_realistic": load("throughput_realistic/throughput.json"),
          "scaling": load("scaling/gpu_scaling.json"), "llm_lora": load("llm.json"), "attention_kernel": load("flash.json"),

@@ -167,7 +167,8 @@ class DataArguments:
     passage_max_length: int = field(
         default=256, metadata={"help": "Max tokens of a document (prefix included). NeMo: model.encoder_seq_length (512)."})
     preprocessing_num_workers: int | None = field(
-        default=None, metadata={"help": "Processes for tokenization with datasets.map (default: one)."})
+        default=None, metadata={"help": "Processes for tokenization with datasets.map. Default: one per 20,000 records, "
+                                        "up to the available cores (one for smaller data)."})
 
     def __post_init__(self):
         if self.train_file and self.train_datasets or self.validation_file and self.validation_datasets:

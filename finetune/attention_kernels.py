@@ -60,6 +60,7 @@ def reset() -> None:
     _failed.clear()
     _verified.clear()
     _logged.clear()
+    _aten_dropout_works.clear()
 
 
 # ------------------------------------------------------------------------------------------ availability
@@ -196,10 +197,44 @@ def _varlen_call(q: torch.Tensor, scale: float | None, causal: bool, gqa: bool) 
     return q, keywords
 
 
+_aten_dropout_works: dict[tuple, bool] = {}
+
+
+def _aten_dropout_probe(q: torch.Tensor, k: torch.Tensor, dropout: float, causal: bool) -> bool:
+    """Whether ``FlashVarlenFunction`` runs here: on two small sequences, without dropout it equals ``varlen_attn``,
+    with it the backward runs and gives finite gradients. Checked once per (dtype, heads, causal); a failure is
+    logged and attention dropout is then left out (``varlen_attn`` has none)."""
+    key = (q.dtype, q.shape[1], k.shape[1], q.shape[2], causal)
+    if key not in _aten_dropout_works:
+        try:
+            generator = torch.Generator(device=q.device).manual_seed(0)
+            lengths = torch.tensor([5, 11], device=q.device)
+            layout = type("ProbeLayout", (), {"cu_seqlens": F.pad(lengths.cumsum(0), (1, 0)).to(torch.int32),
+                                               "max_length": 11})()
+            shapes = [(16, q.shape[1], q.shape[2]), (16, k.shape[1], q.shape[2]), (16, k.shape[1], q.shape[2])]
+            probe_q, probe_k, probe_v = (torch.randn(shape, device=q.device, generator=generator).to(q.dtype)
+                                         .requires_grad_() for shape in shapes)
+            with torch.no_grad():
+                exact = torch_varlen(probe_q, probe_k, probe_v, layout, dropout=0.0, scale=None, causal=causal)
+                same = FlashVarlenFunction.apply(probe_q, probe_k, probe_v, layout.cu_seqlens, 11, 0.0, None, causal)
+            dropped = FlashVarlenFunction.apply(probe_q, probe_k, probe_v, layout.cu_seqlens, 11, dropout, None, causal)
+            dropped.float().square().sum().backward()
+            works = (torch.allclose(same.float(), exact.float(), atol=1e-2, rtol=1e-2)
+                     and all(torch.isfinite(t.grad).all() for t in (probe_q, probe_k, probe_v)))
+            why = "it disagrees with varlen_attn or gives non-finite gradients"
+        except Exception as error:  # noqa: BLE001 (private ATen ops of another torch version: any error counts)
+            works, why = False, f"{type(error).__name__}: {str(error).strip().splitlines()[0][:200]}"
+        _aten_dropout_works[key] = works
+        if not works:
+            logger.warning("PyTorch's flash kernels with attention dropout do not run here (%s): the fused kernel "
+                           "runs without attention-probability dropout (hidden dropout is unchanged).", why)
+    return _aten_dropout_works[key]
+
+
 def torch_varlen(q, k, v, layout, *, dropout: float, scale: float | None, causal: bool) -> torch.Tensor:
     """PyTorch's fused varlen flash kernel: ``varlen_attn`` (no dropout), ``FlashVarlenFunction`` with dropout."""
     cu = layout.cu_seqlens
-    if dropout > 0:
+    if dropout > 0 and _aten_dropout_probe(q, k, dropout, causal):
         return FlashVarlenFunction.apply(q, k, v, cu, layout.max_length, dropout, scale, causal)
     q, keywords = _varlen_call(q, scale, causal, k.shape[1] != q.shape[1])
     return _torch_varlen_function()(q, k, v, cu, cu, layout.max_length, layout.max_length, **keywords)

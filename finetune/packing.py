@@ -108,6 +108,15 @@ class PackedLayout:
                                        output_size=sum(self.host_lengths))
 
 
+def nonzero_indices(flags: torch.Tensor, count: int) -> torch.Tensor:
+    """(count,) indices of the True entries of the 1-D ``flags``, whose number the caller knows: no host read where
+    ``nonzero_static`` runs on the device (``nonzero`` reads the count back)."""
+    try:
+        return torch.nonzero_static(flags, size=count).squeeze(1)
+    except (RuntimeError, NotImplementedError):
+        return flags.nonzero().squeeze(1)
+
+
 def _attention_groups(lengths: torch.Tensor, host_lengths: list[int],
                       starts: torch.Tensor) -> tuple[list[AttentionGroup], torch.Tensor]:
     """Split sequences (sorted by length) into at most MAX_ATTENTION_GROUPS groups of similar length.
@@ -131,7 +140,7 @@ def _attention_groups(lengths: torch.Tensor, host_lengths: list[int],
         real = sum(sorted_lengths[first:last])
         groups.append(AttentionGroup(torch.where(valid, positions, 0).reshape(-1),
                                      None if uniform else valid[:, None, None, :],
-                                     torch.nonzero_static(valid.reshape(-1), size=real).squeeze(1), last - first, length))
+                                     nonzero_indices(valid.reshape(-1), real), last - first, length))
         packed_positions.append(positions.reshape(-1)[groups[-1].real_slots])
     packed_positions = torch.cat(packed_positions)
     restore = torch.empty_like(packed_positions)
@@ -153,7 +162,7 @@ def pack(input_ids: torch.Tensor, attention_mask: torch.Tensor, position_rule: s
     real = attention_mask.bool()
     lengths = real.sum(dim=1)
     host_lengths = lengths.tolist()
-    token_index = torch.nonzero_static(real.reshape(-1), size=sum(host_lengths)).squeeze(1)  # (N,), no second sync
+    token_index = nonzero_indices(real.reshape(-1), sum(host_lengths))  # (N,), no second host read
     if position_rule == "row":
         positions = torch.arange(seq_len, device=input_ids.device).expand(batch_size, seq_len)
     elif position_rule == "count":

@@ -284,3 +284,23 @@ def test_the_epoch_reaches_the_sampler_under_accelerates_wrappers_of_a_resumed_m
     assert epoch_sampler_of(dataloader) is sampler
     SamplerEpochCallback().on_epoch_begin(None, SimpleNamespace(epoch=3 + 1 / 3), None, train_dataloader=dataloader)
     assert sampler.epoch == 3 and next(iter(sampler))[0] == 3
+
+
+def test_tokenization_uses_several_processes_for_large_data_only(monkeypatch, tmp_path, tiny_bert):
+    """One process per 20,000 records up to the cores; the columns are the same with two processes as with one."""
+    from transformers import AutoTokenizer
+
+    from conftest import make_records, write_jsonl
+    from finetune.data import load_raw_dataset, tokenize_dataset, tokenizer_processes
+
+    monkeypatch.setattr("os.sched_getaffinity", lambda pid: set(range(16)), raising=False)
+    assert tokenizer_processes(2_025) is None and tokenizer_processes(39_999) is None
+    assert tokenizer_processes(200_000) == 10 and tokenizer_processes(2_000_000) == 16
+    assert tokenizer_processes(100, requested=4) == 4 and tokenizer_processes(10**6, requested=1) is None
+    tokenizer = AutoTokenizer.from_pretrained(tiny_bert)
+    one = tokenize_dataset(load_raw_dataset(write_jsonl(tmp_path / "a.jsonl", make_records(30, seed=4))), tokenizer)
+    two = tokenize_dataset(load_raw_dataset(write_jsonl(tmp_path / "b.jsonl", make_records(30, seed=4))), tokenizer,
+                           num_proc=2)
+    one, two = one.to_dict(), two.to_dict()  # two files (a cached result would prove nothing): sources differ by name
+    two["source"] = [source.replace("b.jsonl", "a.jsonl") for source in two["source"]]
+    assert one == two

@@ -68,8 +68,8 @@ def forward_and_gradients(model, batch, autocast: bool):
                                  if p.grad is not None}
 
 
-@pytest.mark.parametrize("kernel", ["auto", "torch_varlen", "flex"])
-@pytest.mark.parametrize("case", ["bert", "qwen3_causal", "qwen3_bidirectional"])
+@pytest.mark.parametrize("case, kernel", [("bert", "auto"), ("qwen3_causal", "auto"), ("qwen3_bidirectional", "auto"),
+                                          ("bert", "torch_varlen")])
 def test_padding_free_bf16_forward_and_gradients_equal_padded(case, kernel, gpu_bert, gpu_qwen3, caplog):
     if kernel == "flex" and attention_kernels.unavailable_reason("flex", torch.device("cuda"), torch.bfloat16, 64):
         pytest.skip("this torch has no FlexAttention")
@@ -98,9 +98,14 @@ def test_padding_free_bf16_forward_and_gradients_equal_padded(case, kernel, gpu_
     assert f"Padding-free attention kernel: {expected} (cuda" in caplog.text, caplog.text
     assert not attention_kernels._failed, attention_kernels._failed
     assert relative_error(result, exact) <= 2 * relative_error(rounded, exact) + 1e-2
-    for name, gradient in exact_grads.items():
-        bound = 2 * relative_error(rounded_grads[name], gradient) + 1e-2
-        assert relative_error(result_grads[name], gradient) <= bound, name
+    names = sorted(exact_grads)
+    flat = {which: torch.cat([grads[name].float().flatten() for name in names])
+            for which, grads in (("exact", exact_grads), ("rounded", rounded_grads), ("result", result_grads))}
+    assert relative_error(flat["result"], flat["exact"]) <= 2 * relative_error(flat["rounded"], flat["exact"]) + 1e-2
+    for name in names:  # and no single weight's gradient points elsewhere
+        cosine = torch.nn.functional.cosine_similarity(result_grads[name].float().flatten(),
+                                                       exact_grads[name].float().flatten(), dim=0)
+        assert cosine > 0.99 or exact_grads[name].abs().max() < 1e-6, (name, cosine.item())
 
 
 def test_attention_dropout_runs_through_the_fused_kernel_and_replays(gpu_bert, monkeypatch):
@@ -180,9 +185,14 @@ def test_one_training_step_sharded(config, gpu_bert, tmp_path):
                str(ROOT / "accelerate_configs" / config), "--num_processes", "1", str(ROOT / "finetune" / "train.py"),
                *train_flags(gpu_bert, tmp_path)]
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
-    result = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=170)
+    result = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=80)
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-4000:]
     losses = logged_losses(tmp_path / "out")
     assert len(losses) == 2 and all(torch.isfinite(torch.tensor(losses))), losses
     assert (tmp_path / "out" / "modules.json").is_file()
     assert re.search(r"Padding-free attention kernel: (torch_varlen|flash_attn) \(cuda", result.stdout + result.stderr)
+
+
+def test_flex_candidate_forward_and_gradients_equal_padded(gpu_bert, gpu_qwen3, caplog):
+    """FlexAttention with a document mask, the candidate where no varlen kernel runs (last: it compiles)."""
+    test_padding_free_bf16_forward_and_gradients_equal_padded("qwen3_causal", "flex", gpu_bert, gpu_qwen3, caplog)
