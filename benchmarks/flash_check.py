@@ -34,7 +34,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    folder = build_tiny_decoder(tempfile.mkdtemp(), "qwen3")
+    folder = build_tiny_decoder(tempfile.mkdtemp(), "qwen3", hidden_size=256, intermediate_size=512, head_dim=64,
+                                num_attention_heads=4, num_key_value_heads=2)  # 64-dim heads: every kernel takes them
     generator = torch.Generator().manual_seed(0)
     lengths = torch.randint(1, 33, (16,), generator=generator)
     mask = (torch.arange(32)[None] >= 32 - lengths[:, None]).long()

@@ -51,14 +51,14 @@ if [ -n "${SMOKE:-}" ]; then
     --variants padded_lora,packed_lora,packed --work_dir "$OUT/llm_work" --output "$OUT/llm.json"
 else
   part lane 170 $PY -m pytest -m gpu tests/test_gpu.py -v -p no:cacheprovider
-  part throughput_long 110 $PY benchmarks/throughput.py --gpu --profile long --variants theirs,ours,ours_padded \
+  part throughput_long 150 $PY benchmarks/throughput.py --gpu --profile long --variants theirs,ours,ours_padded \
     --rounds 1 --steps_per_round 10 $TOK --work_dir "$OUT/throughput_long"
   MODEL="$OUT/throughput_long/bert-large-random"
   [ -f "$MODEL/modules.json" ] || MODEL=""
   part throughput_realistic 90 $PY benchmarks/throughput.py --gpu --profile realistic \
     --variants theirs,ours,ours_padded --rounds 1 --steps_per_round 10 $TOK ${MODEL:+--model $MODEL} \
     --work_dir "$OUT/throughput_realistic"
-  part llm 120 $PY benchmarks/llm_embedders.py --hidden 1024 --layers 28 --model_vocab 151936 --vocab 16000 \
+  part llm 120 $PY benchmarks/llm_embedders.py --hidden 1024 --layers 28 --vocab 16000 \
     --batch_size 16 --max_length 512 --warmup 1 --steps 3 --bf16 --gradient_checkpointing \
     --variants padded_lora,packed_lora,packed --work_dir "$OUT/llm_work" --output "$OUT/llm.json"
   part scaling 120 $PY benchmarks/gpu_scaling.py --size large --steps 10 --configs deepspeed_zero2.yaml,fsdp.yaml \

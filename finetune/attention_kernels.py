@@ -38,7 +38,7 @@ TOLERANCE = {torch.float32: 1e-3, torch.float64: 1e-6, torch.float16: 1e-2, torc
 _preference = "auto"
 _failed: dict[str, str] = {}  # kernel -> why it was dropped in this process
 _verified: set[tuple] = set()
-_logged: set[str] = set()
+_logged: set[tuple[str, str]] = set()
 
 
 def tolerance_for(dtype: torch.dtype) -> float:
@@ -291,6 +291,11 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout, *, dropout
 
     A kernel named by ``--attention_kernel`` that cannot run here raises; 'auto' falls back to grouped SDPA.
     """
+    if torch.is_autocast_enabled(q.device.type):  # as SDPA under autocast: Qwen3's fp32 RMSNorm makes q/k fp32
+        dtype = torch.get_autocast_dtype(q.device.type)
+        q, k, v = q.to(dtype), k.to(dtype), v.to(dtype)
+    elif not q.dtype == k.dtype == v.dtype:
+        q, k, v = q.to(v.dtype), k.to(v.dtype), v
     head_dim = q.shape[-1]
     for name in candidates(q.device):
         reason = unavailable_reason(name, q.device, q.dtype, head_dim)
@@ -309,15 +314,17 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout, *, dropout
                 _drop(name, detail if "relative" not in detail else f"disagrees with grouped SDPA ({detail})")
                 continue
             _verified.add(key)
-        if name not in _logged:
-            _logged.add(name)
+        if (name, q.device.type) not in _logged:
+            _logged.add((name, q.device.type))
             logger.info("Padding-free attention kernel: %s (%s, %s).", name, q.device, q.dtype)
         return KERNEL_FUNCTIONS[name](q, k, v, layout, dropout=dropout, scale=scale, causal=causal)
     if _preference != "auto":
         raise RuntimeError(f"--attention_kernel {_preference} was dropped: {_failed.get(_preference)}.")
-    if "grouped_sdpa" not in _logged:
-        _logged.add("grouped_sdpa")
-        logger.info("Padding-free attention kernel: grouped_sdpa (%s, %s).", q.device, q.dtype)
+    if ("grouped_sdpa", q.device.type) not in _logged:
+        _logged.add(("grouped_sdpa", q.device.type))
+        (logger.warning if q.is_cuda else logger.info)(
+            "Padding-free attention kernel: grouped_sdpa (%s, %s)%s.", q.device, q.dtype,
+            ": no fused kernel runs here, one SDPA call per length group" if q.is_cuda else "")
     return grouped_sdpa(q, k, v, layout, dropout=dropout, scale=scale, causal=causal)
 
 
