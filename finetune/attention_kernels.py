@@ -1,8 +1,8 @@
 """Attention over a pack of sequences: the kernels padding-free encoding can use, and the choice among them.
 
 Every kernel takes the packed queries/keys/values ``(N, H, d)`` / ``(N, H_kv, d)`` of ``B`` sequences laid end
-to end (``PackedLayout``: cumulative lengths, the longest length, length groups) and returns ``(N, H, d)``: each
-token attends to the tokens of its own sequence only (and, when causal, to the earlier ones).
+to end (``packing.PackedLayout``: cumulative lengths, the longest length, length groups) and returns ``(N, H, d)``:
+each token attends to the tokens of its own sequence only (and, when causal, to the earlier ones).
 
   flash_attn    flash-attn's ``flash_attn_varlen_func`` (when the package is installed): CUDA, fp16/bf16.
   torch_varlen  PyTorch's fused flash kernel over cumulative lengths: ``torch.nn.attention.varlen.varlen_attn``
@@ -12,10 +12,11 @@ token attends to the tokens of its own sequence only (and, when causal, to the e
   grouped_sdpa  sequences re-padded into a few groups of similar length, one SDPA call per group: any device and
                 dtype; the CPU kernel (on a GPU the per-group calls leave it mostly idle).
 
-``choose_kernel`` picks one from the device, the dtype, the head size and what is installed (``--attention_kernel``
-may name one). The first call of a fused kernel for a (kernel, dtype, causal, GQA) combination is checked against
-grouped SDPA on the same inputs with a tolerance that fits the dtype; a kernel that fails or disagrees is dropped
-for the rest of the process (logged), and ``fused_kernel_available`` then tells the model to use padded batches.
+``attend`` tries the ``candidates`` in order, skipping those ``unavailable_reason`` rules out for the device, the
+dtype, the head size and what is installed (``--attention_kernel`` may name one). The first call of a fused kernel
+for a (kernel, dtype, causal, GQA) combination is checked against grouped SDPA on the same inputs with a tolerance
+that fits the dtype; a kernel that fails or disagrees is dropped for the rest of the process (logged), and once
+none is left ``fused_kernel_available`` tells the model to encode padded sub-batches on the GPU instead.
 """
 
 from __future__ import annotations
