@@ -1,6 +1,6 @@
 """Benchmark helpers that decide what a GPU run measures: the decoder shapes of benchmarks/llm_embedders.py."""
 
-import sys
+import importlib.util
 
 import pytest
 import torch
@@ -8,9 +8,17 @@ from transformers import Qwen3Config, Qwen3Model
 
 from conftest import ROOT
 
-sys.path.insert(0, str(ROOT / "benchmarks"))
 
-import llm_embedders  # noqa: E402
+def load_benchmark(name: str):
+    """A benchmarks/ script as a module, without putting benchmarks/ on sys.path (its objectives.py and
+    sharded_search.py would shadow finetune's modules for every later test)."""
+    spec = importlib.util.spec_from_file_location(f"benchmark_{name}", ROOT / "benchmarks" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+llm_embedders = load_benchmark("llm_embedders")
 
 
 def test_qwen3_0_6b_shape_is_a_valid_grouping():
