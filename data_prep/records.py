@@ -15,6 +15,7 @@ from collections.abc import Callable, Iterable
 
 from finetune.checkpointing import atomic_write
 from finetune.data import text_key
+from finetune.distributed import end_process_group
 from finetune.schema import POS_DOC, NEG_DOC, QUESTION, SCORED_LISTS, DataFormatError, normalize_record
 
 _SPACES = re.compile(r"\s+")
@@ -105,4 +106,5 @@ def run_cli(main: Callable[[], object]) -> None:
     except (FileNotFoundError, NotADirectoryError, DataFormatError, ValueError) as error:
         print(f"error: {error}", file=sys.stderr)
         sys.exit(2)
+    end_process_group()  # under accelerate launch: all done, then the groups go before the interpreter does
     sys.exit(result if isinstance(result, int) and not isinstance(result, bool) else 0)

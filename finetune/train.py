@@ -22,7 +22,7 @@ from finetune.checkpointing import CheckpointWriteError, last_complete_checkpoin
 from finetune.config import ConfigError, launch_defaults, parse_arguments
 from finetune.blend import BlendedTripletDataset, blocks_consumed, blocks_per_dataset
 from finetune.data import TripletCollator
-from finetune.distributed import PeerProcessError, peer_failure_message
+from finetune.distributed import PeerProcessError, end_process_group, peer_failure_message
 from finetune.hub import HubPushError, SentenceTransformerHubMixin
 from finetune.modeling import EmbeddingModel, ModelLoadError
 from finetune.monitoring import NonFiniteError
@@ -213,7 +213,8 @@ def close_process_group() -> None:
 
 
 def cli() -> None:
-    """Entry point: bad input ends with one clear message and exit code 2, not a traceback."""
+    """Entry point: bad input ends with one clear message and exit code 2, not a traceback. A run that succeeded
+    ends its process group before the process exits (``finetune.distributed.end_process_group``)."""
     try:
         main()
         close_process_group()
@@ -221,6 +222,7 @@ def cli() -> None:
             PeerProcessError, CheckpointWriteError, TrainingOutOfMemoryError) as error:
         print(f"error: {error}", file=sys.stderr)
         sys.exit(2)
+    end_process_group()
 
 
 if __name__ == "__main__":

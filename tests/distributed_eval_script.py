@@ -9,7 +9,7 @@ import sys
 import torch
 from accelerate import PartialState
 
-from finetune.distributed import encode_sharded, world
+from finetune.distributed import encode_sharded, end_process_group, world
 from finetune.evaluation import evaluate_retrieval, load_retrieval_set
 from finetune.modeling import EmbeddingModel
 
@@ -29,6 +29,7 @@ def main(model_path: str, data_path: str, output_path: str) -> None:
     if state.is_main_process:
         with open(output_path, "w", encoding="utf-8") as handle:
             json.dump({"world_size": size, "per_rank": gathered}, handle)
+    end_process_group()
 
 
 if __name__ == "__main__":

@@ -1,6 +1,12 @@
-"""Run by tests/test_global_negatives.py under 2 processes; ``reference_gradients`` is its 1-process reference.
+"""Run by tests/test_global_negatives.py under 2 processes; ``reference_gradients`` and ``reference_objective`` are
+its 1-process references.
 
     accelerate launch --multi_gpu --num_processes 2 tests/global_negatives_script.py MODEL OUT
+
+Besides the plain ranking loss ('global' and 'local' backprop), each process runs two objectives the way the
+trainer does (``finetune.objectives.batch_for_objective``, then the objective): 'query_to_query' (queries as
+in-batch candidates, without doc_to_query: every process's queries must be gathered), and 'duplicate' (a
+positive text shared by the two processes' halves of the global batch: never a negative of the other).
 """
 
 import sys
@@ -13,6 +19,7 @@ from finetune.data import pad_sequences, text_key
 from finetune.distributed import gather_rows, world
 from finetune.losses import ranking_loss
 from finetune.modeling import EmbeddingModel
+from finetune.objectives import RankingObjective, batch_for_objective
 
 BATCH, SHARDS = 8, 2
 
@@ -20,6 +27,19 @@ BATCH, SHARDS = 8, 2
 def batch_texts():
     records = make_records(BATCH, num_negatives=1, seed=11)
     return [r["question"] for r in records], [r["pos_doc"][0] for r in records], [r["neg_doc"][0] for r in records]
+
+
+# The objective runs: name -> (its ranking directions, whether query 1's positive text is also query 5's).
+OBJECTIVE_RUNS = {"query_to_query": (("query_to_doc", "query_to_query"), False),
+                  "duplicate": (("query_to_doc",), True)}
+
+
+def objective_texts(shared_positive):
+    """batch_texts(), with query 1's positive (process 0's half) given to query 5 too (process 1's half)."""
+    queries, positives, negatives = batch_texts()
+    if shared_positive:
+        positives[5] = positives[1]
+    return queries, positives, negatives
 
 
 def embed(model, texts):
@@ -60,6 +80,39 @@ def reference_gradients(model_path, backprop):
     return total, flat_grads(model)
 
 
+def reference_objective(model_path, name, with_keys=True):
+    """One process, the whole batch of 8: the objective's loss and gradients (``with_keys=False``: without
+    duplicate masking, to show that the shared text matters)."""
+    directions, shared = OBJECTIVE_RUNS[name]
+    model = EmbeddingModel.from_pretrained(model_path)
+    queries, positives, negatives = objective_texts(shared)
+    inputs = {"doc_keys": keys(positives + negatives) if with_keys else None, "query_keys": keys(queries)}
+    objective = RankingObjective(directions=directions)
+    loss = objective(batch_for_objective(objective, embed(model, queries), embed(model, positives + negatives),
+                                         inputs, gather=True)).loss
+    loss.backward()
+    return loss.item(), flat_grads(model)
+
+
+def objective_on_this_process(model_path, name, rank, size):
+    """As the trainer does it: this process's half of the batch, gathered for the objective; DDP-averaged."""
+    directions, shared = OBJECTIVE_RUNS[name]
+    model = EmbeddingModel.from_pretrained(model_path)
+    queries, positives, negatives = objective_texts(shared)
+    b = BATCH // SHARDS
+    local_queries = queries[rank * b:(rank + 1) * b]
+    local_docs = positives[rank * b:(rank + 1) * b] + negatives[rank * b:(rank + 1) * b]
+    objective = RankingObjective(directions=directions)
+    batch = batch_for_objective(objective, embed(model, local_queries), embed(model, local_docs),
+                                {"doc_keys": keys(local_docs), "query_keys": keys(local_queries)}, gather=True)
+    loss = objective(batch).loss
+    loss.backward()
+    grads, mean_loss = flat_grads(model), loss.detach().clone()
+    dist.all_reduce(grads)
+    dist.all_reduce(mean_loss)
+    return mean_loss / size, grads / size
+
+
 def main(model_path, output):
     dist.init_process_group("gloo")
     rank, size = world()
@@ -80,6 +133,8 @@ def main(model_path, output):
         dist.all_reduce(grads)  # what DDP does: average the processes' gradients
         dist.all_reduce(mean_loss)
         result[f"{backprop}_grads"], result[f"{backprop}_loss"] = grads / size, mean_loss / size
+    for name in OBJECTIVE_RUNS:
+        result[f"{name}_loss"], result[f"{name}_grads"] = objective_on_this_process(model_path, name, rank, size)
     if rank == 0:
         torch.save(result, output)
     dist.destroy_process_group()

@@ -9,6 +9,7 @@ import sys
 import torch.distributed as dist
 
 from finetune import objectives, train
+from finetune.distributed import end_process_group
 
 real_ranking_loss = objectives.ranking_loss
 calls = {"n": 0}
@@ -22,3 +23,4 @@ def ranking_loss_inf_on_rank_1(*args, **kwargs):
 
 objectives.ranking_loss = ranking_loss_inf_on_rank_1
 train.main(sys.argv[1:])
+end_process_group()  # as train.cli ends a run

@@ -234,3 +234,34 @@ def test_blocks_seen_with_accumulation_across_epochs():
     seen = train.datasets_seen(trainer, dataset)
     expected = Counter(blend.schedule(0)) + Counter(blend.schedule(1)[:2])
     assert [entry["batches"] for entry in seen] == [expected[0], expected[1]] and sum(expected.values()) == 5
+
+
+@pytest.mark.parametrize("temperature", [None, 2.0])
+def test_blend_weights_from_the_command_line_reach_the_sampler(tiny_bert, two_datasets, tmp_path, temperature):
+    """``name=path:weight`` and ``--dataset_sampling weighted`` (with and without ``--dataset_temperature``) are what
+    the trainer's sampler draws by: the weights given (3 and the default 1), or the sizes^(1/T) instead."""
+    from finetune.data import TripletCollator
+    from finetune.modeling import EmbeddingModel
+    from finetune.trainer import EmbeddingTrainer
+    from finetune.training_data import build_training_data, read_data
+
+    first, second = two_datasets  # 24 and 12 records
+    argv = ["--model_name_or_path", tiny_bert, "--output_dir", str(tmp_path / "out"), "--use_cpu", "true",
+            "--report_to", "none", "--per_device_train_batch_size", "4", "--train_datasets", f"docs={first}:3",
+            f"faq={second}", "--dataset_sampling", "weighted"]
+    if temperature is not None:
+        argv += ["--dataset_temperature", str(temperature)]
+    _, data_args, training_args = parse_arguments(argv)
+    model = EmbeddingModel.from_pretrained(tiny_bert)
+    data = build_training_data(read_data(data_args, training_args), data_args, training_args, model.tokenizer)
+    trainer = EmbeddingTrainer(model=model, args=training_args, train_dataset=data.train,
+                               data_collator=TripletCollator(model.tokenizer), objective=data.objective)
+    blend = trainer._get_train_sampler()
+    expected = [0.75, 0.25] if temperature is None else [24 ** 0.5 / (24 ** 0.5 + 12 ** 0.5),
+                                                          12 ** 0.5 / (24 ** 0.5 + 12 ** 0.5)]
+    assert isinstance(blend, BlendedEpochSampler) and blend.sampling == "weighted"
+    assert blend.weights == pytest.approx(expected)
+    drawn = Counter(d for epoch in range(300) for d in blend.schedule(epoch))  # 300 epochs x 9 blocks
+    total = sum(drawn.values())
+    for index, weight in enumerate(expected):  # 4 standard deviations; sizes alone (2/3) or equal weights are out
+        assert abs(drawn[index] / total - weight) < 4 * (weight * (1 - weight) / total) ** 0.5, (index, drawn)

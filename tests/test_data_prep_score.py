@@ -26,6 +26,20 @@ def tiny_cross_encoder(tiny_bert, tmp_path_factory) -> str:
     return folder
 
 
+@pytest.fixture(scope="module")
+def spread_cross_encoder(tiny_bert, tmp_path_factory) -> str:
+    """As tiny_cross_encoder, initialised 10x wider: its logits differ between documents by about 0.1 (the default
+    initialisation gives nearly the same logit, within 1e-5, for every pair, so scores could swap unnoticed)."""
+    from transformers import AutoTokenizer, BertConfig, BertForSequenceClassification
+
+    folder = str(tmp_path_factory.mktemp("spread_cross_encoder"))
+    config = BertConfig.from_pretrained(tiny_bert, num_labels=1, initializer_range=0.2)
+    torch.manual_seed(1)
+    BertForSequenceClassification(config).save_pretrained(folder)
+    AutoTokenizer.from_pretrained(tiny_bert).save_pretrained(folder)
+    return folder
+
+
 def read_jsonl(path) -> list[dict]:
     return [json.loads(line) for line in Path(path).read_text().splitlines()]
 
@@ -117,3 +131,68 @@ def test_bad_input_is_one_clear_error_before_the_teacher_loads(tmp_path):
 
     with pytest.raises(DataFormatError, match="bad.jsonl, line 1, field 'pos_doc'"):
         score.main(["--teacher", str(tmp_path / "no-such-teacher"), "--input", str(bad), "--output", str(tmp_path / "o")])
+
+
+def cross_encoder_logits(folder, question, documents, query_prefix=""):
+    """The teacher's raw logit of each (question, document) pair, computed with transformers alone."""
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    model = AutoModelForSequenceClassification.from_pretrained(folder).eval()
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    with torch.no_grad():
+        encoded = tokenizer([query_prefix + question] * len(documents), documents, padding=True, truncation=True,
+                            max_length=256, return_tensors="pt")
+        return model(**encoded).logits[:, 0].tolist()
+
+
+def test_every_positive_gets_its_own_score(spread_cross_encoder, tmp_path):
+    """Records with several positives (and different counts of them): pos_scores[i] is the teacher's score of
+    pos_doc[i], in order, and the negatives' scores follow their own documents."""
+    records = make_records(5, num_negatives=2, seed=15)
+    for index, record in enumerate(records):  # 1, 2, 3, 1, 2 positives: each a different text
+        record["pos_doc"] += [f"{record['question']} extra passage {n} of {index}" for n in range(index % 3)]
+    output = tmp_path / "scored.jsonl"
+    score.main(["--teacher", spread_cross_encoder, "--input", write_jsonl(tmp_path / "in.jsonl", records),
+                "--output", str(output), "--block_size", "2"])
+    for record, result in zip(records, read_jsonl(output), strict=True):
+        assert len(result["pos_scores"]) == len(record["pos_doc"]) and len(result["neg_scores"]) == 2
+        assert result["pos_scores"] == pytest.approx(
+            cross_encoder_logits(spread_cross_encoder, record["question"], record["pos_doc"]), abs=1e-5)
+        assert result["neg_scores"] == pytest.approx(
+            cross_encoder_logits(spread_cross_encoder, record["question"], record["neg_doc"]), abs=1e-5)
+        if len(record["pos_doc"]) > 1:  # the positives' scores differ: a score reused for all could not pass
+            assert max(result["pos_scores"]) - min(result["pos_scores"]) > 1e-3
+
+
+@pytest.mark.parametrize("changed", [["--block_size", "3"], ["--query_prefix", "q: "]], ids=["block_size", "prefix"])
+def test_a_rerun_with_other_settings_does_not_mix_in_old_blocks(spread_cross_encoder, tmp_path, monkeypatch, changed):
+    """A run killed after 2 blocks, then rerun with another block size (or prompt): the output is that of a fresh run
+    with the new settings, with every record once, in input order."""
+    records = make_records(7, num_negatives=1, seed=16)
+    source = write_jsonl(tmp_path / "in.jsonl", records)
+    first = ["--teacher", spread_cross_encoder, "--input", source, "--output", str(tmp_path / "out.jsonl"),
+             "--block_size", "2"]
+    rerun = [*first, *changed]  # the last value of an option wins
+    score.main([*rerun[:rerun.index("--output")], "--output", str(tmp_path / "fresh.jsonl"),
+                *rerun[rerun.index("--output") + 2:]])
+    real_score_block, calls = score.score_block, []
+
+    def killed_at_third_block(block, teacher):
+        calls.append(1)
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        return real_score_block(block, teacher)
+
+    monkeypatch.setattr(score, "score_block", killed_at_third_block)
+    with pytest.raises(KeyboardInterrupt):
+        score.main(first)
+    assert len(list((tmp_path / "out.jsonl.parts").glob("block-*"))) == 2  # two blocks of 2 records left behind
+    monkeypatch.setattr(score, "score_block", real_score_block)
+    score.main(rerun)
+    resumed, fresh = read_jsonl(tmp_path / "out.jsonl"), read_jsonl(tmp_path / "fresh.jsonl")
+    assert [r["question"] for r in resumed] == [r["question"] for r in records]
+    for a, b in zip(resumed, fresh, strict=True):
+        assert a["pos_scores"] + a["neg_scores"] == pytest.approx(b["pos_scores"] + b["neg_scores"], abs=1e-6)
+    prefix = "q: " if "--query_prefix" in changed else ""
+    assert resumed[0]["pos_scores"] == pytest.approx(  # the new settings' scores, computed independently
+        cross_encoder_logits(spread_cross_encoder, records[0]["question"], records[0]["pos_doc"], prefix), abs=1e-5)

@@ -39,6 +39,10 @@ LORA_RUNS = {"ddp": ("cpu_multi_process.yaml", None, []), "zero2": ("cpu_deepspe
              "zero3": ("cpu_deepspeed_zero3.yaml", None, []),
              "zero2_resumed": ("cpu_deepspeed_zero2.yaml", "zero2", []),
              "zero3_resumed": ("cpu_deepspeed_zero3.yaml", "zero3", ["--save_adapter_only", "true"])}
+# Rank 16: every adapter matrix (16 x 32 at least) is larger than ZeRO-3's persistence threshold (10 x hidden size =
+# 320 elements, ds_zero3.json's "auto"), so DeepSpeed partitions the adapters too; below it they stay whole on every
+# process and a save from the live partitions could not be told from one from the gathered state.
+LORA_R = 16
 # GradCache runs (mini-batches of 3 texts, 2 accumulation steps): name -> config.
 GRADCACHE_RUNS = {"ddp": "cpu_multi_process.yaml", "zero2": "cpu_deepspeed_zero2.yaml",
                   "zero3": "cpu_deepspeed_zero3.yaml"}
@@ -95,7 +99,7 @@ def lora_runs(tiny_bert_without_dropout, tmp_path_factory) -> dict[str, tuple[Pa
     """Output folder and log of the same 2 LoRA steps under each entry of LORA_RUNS (one run at a time)."""
     folder = tmp_path_factory.mktemp("deepspeed_lora")
     common = common_args(tiny_bert_without_dropout, folder, learning_rate="1e-2", save_steps="1")
-    return launch_each(folder, [*common, "--lora_r", "4", "--lora_dropout", "0"], LORA_RUNS)
+    return launch_each(folder, [*common, "--lora_r", str(LORA_R), "--lora_dropout", "0"], LORA_RUNS)
 
 
 @pytest.fixture(scope="module")
@@ -200,9 +204,14 @@ def test_lora_under_zero2_and_zero3_ends_where_ddp_ends(lora_runs, tiny_bert_wit
     adapters = {name: load_file(str(lora_runs[name][0] / "lora_adapter" / "adapter_model.safetensors"))
                 for name in ("ddp", "zero2", "zero3")}
     assert max_difference(merged["zero3"], base) > 1e-3  # plain weights under the base names, adapters folded in
+    hidden_size = json.loads((Path(tiny_bert_without_dropout) / "config.json").read_text())["hidden_size"]
+    assert min(tensor.numel() for tensor in adapters["ddp"].values()) > 10 * hidden_size  # partitioned under ZeRO-3
     embeddings = {name: SentenceTransformer(str(lora_runs[name][0]), device="cpu").encode(TEXTS, convert_to_tensor=True)
                   for name in ("ddp", "zero2", "zero3")}
     for name in ("zero2", "zero3"):
+        # The gathered adapter, not this process's partition of it: every matrix whole.
+        assert {key: value.shape for key, value in adapters[name].items()} == {
+            key: value.shape for key, value in adapters["ddp"].items()}, name
         assert max_difference(merged[name], merged["ddp"]) < TOLERANCE, name
         assert max_difference(adapters[name], adapters["ddp"]) < TOLERANCE, name
         assert (embeddings[name] - embeddings["ddp"]).abs().max().item() < TOLERANCE, name

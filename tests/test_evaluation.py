@@ -176,3 +176,65 @@ def test_in_group_metrics_from_scored_rows_equal_the_in_memory_ones():
     expected = in_group_metrics(query_emb, corpus_emb, query_index, doc_index, dataset)
     assert 0 < expected["ingroup_mrr"] < 1
     assert in_group_metrics_from_rows(dataset, row_scores) == pytest.approx(expected, abs=1e-12)
+
+
+class TableModel:
+    """A stand-in for the model being trained: a fixed embedding per text and the similarity it declares. Under
+    cosine the full embeddings are unit vectors (a normalising model) whose prefixes have very different lengths."""
+
+    def __init__(self, texts, similarity, dim=16, seed=0):
+        generator = torch.Generator().manual_seed(seed)
+        embeddings = torch.randn(len(texts), dim, generator=generator)
+        embeddings[:, :dim // 2] *= 0.2 + 3 * torch.rand(len(texts), 1, generator=generator)  # prefix lengths vary
+        if similarity == "cosine":
+            embeddings = torch.nn.functional.normalize(embeddings, dim=-1)
+        self.table = dict(zip(texts, embeddings))
+        self.similarity = similarity
+
+    def encode(self, texts, side=None, batch_size=32):
+        return torch.stack([self.table[text] for text in texts])
+
+    def parameters(self):
+        yield torch.zeros(1)
+
+
+def metrics_by_hand(query_emb, corpus_emb, dataset, similarity):
+    """pytrec_eval's metrics (and the in-group ones, by loops) of ranking every document by ``similarity``, with the
+    embeddings explicitly re-normalised for cosine."""
+    if similarity == "cosine":
+        query_emb, corpus_emb = (torch.nn.functional.normalize(e.double(), dim=-1) for e in (query_emb, corpus_emb))
+    qids, dids = list(dataset.queries), list(dataset.corpus)
+    scores = (query_emb.double() @ corpus_emb.double().T).tolist()
+    run = {qid: dict(zip(dids, row)) for qid, row in zip(qids, scores)}
+    metrics = reference_metrics(run, dataset.qrels, with_ties=False)
+    reciprocal_ranks = []
+    for qid, negatives in dataset.groups:
+        best = max(run[qid][d] for d, relevance in dataset.qrels[qid].items() if relevance > 0)
+        reciprocal_ranks.append(1 / (1 + sum(run[qid][d] > best for d in negatives)))
+    metrics["ingroup_accuracy"] = sum(r == 1 for r in reciprocal_ranks) / len(reciprocal_ranks)
+    metrics["ingroup_mrr"] = sum(reciprocal_ranks) / len(reciprocal_ranks)
+    return metrics
+
+
+@pytest.mark.parametrize("similarity", ["cosine", "dot"])
+def test_matryoshka_metrics_rank_prefixes_by_the_model_similarity(similarity):
+    """Metrics at a truncated size (``ndcg@10_dim4``...) are those of the embeddings' prefixes ranked by the model's
+    similarity: re-normalised prefixes for cosine, the raw prefixes for dot."""
+    from conftest import make_records
+    from finetune.evaluation import RetrievalEvaluator
+    from finetune.text import TextSide
+
+    dataset = retrieval_set_from_records(make_records(30, num_negatives=3, seed=21))
+    model = TableModel(list(dataset.queries.values()) + list(dataset.corpus.values()), similarity)
+    evaluator = RetrievalEvaluator(dataset, query=TextSide(), document=TextSide(), truncate_dims=(8, 4))
+    metrics = evaluator(model, device=torch.device("cpu"))
+    query_emb = model.encode([dataset.queries[q] for q in dataset.queries])
+    corpus_emb = model.encode([dataset.corpus[d] for d in dataset.corpus])
+    for dim in (16, 8, 4):
+        expected = metrics_by_hand(query_emb[:, :dim], corpus_emb[:, :dim], dataset, similarity)
+        suffix = "" if dim == 16 else f"_dim{dim}"
+        for name, value in expected.items():
+            assert metrics[f"{name}{suffix}"] == pytest.approx(value, abs=1e-6), (dim, name)
+    if similarity == "cosine":  # re-normalising changes the ranking of these prefixes: skipping it could not pass
+        raw = metrics_by_hand(query_emb[:, :4], corpus_emb[:, :4], dataset, "dot")
+        assert any(abs(raw[name] - metrics[f"{name}_dim4"]) > 1e-3 for name in raw)

@@ -34,10 +34,16 @@ def test_two_process_training_step_equals_one_process_double_batch(tiny_bert_wit
     assert losses[0] == pytest.approx(losses[1], abs=1e-4)
 
 
-def test_gradients_of_global_and_local_backprop(tiny_bert_without_dropout, tmp_path):
-    output = tmp_path / "grads.pt"
+@pytest.fixture(scope="module")
+def two_process_result(tiny_bert_without_dropout, tmp_path_factory) -> dict:
+    """What tests/global_negatives_script.py computed under 2 processes (one launch for the tests below)."""
+    output = tmp_path_factory.mktemp("global_negatives") / "grads.pt"
     launch_two_processes([str(HERE / "global_negatives_script.py"), tiny_bert_without_dropout, str(output)])
-    result = torch.load(output, weights_only=True)
+    return torch.load(output, weights_only=True)
+
+
+def test_gradients_of_global_and_local_backprop(tiny_bert_without_dropout, two_process_result):
+    result = two_process_result
     from global_negatives_script import reference_gradients  # noqa: E402  (same file, run in one process)
 
     for backprop in ("global", "local"):
@@ -45,3 +51,26 @@ def test_gradients_of_global_and_local_backprop(tiny_bert_without_dropout, tmp_p
         assert result[f"{backprop}_loss"].item() == pytest.approx(expected_loss, abs=1e-6)
         torch.testing.assert_close(result[f"{backprop}_grads"], expected_grads, atol=1e-6, rtol=1e-5)
     assert (result["global_grads"] - result["local_grads"]).abs().max() > 1e-6  # the modes really differ
+
+
+def test_query_to_query_alone_gathers_every_process_queries(tiny_bert_without_dropout, two_process_result):
+    """query_to_query without doc_to_query: every process's queries are candidates, so 2 processes of 4 queries have
+    the loss and gradients of 1 process of 8 (the same objective on the whole batch)."""
+    from global_negatives_script import reference_objective  # noqa: E402
+
+    expected_loss, expected_grads = reference_objective(tiny_bert_without_dropout, "query_to_query")
+    assert two_process_result["query_to_query_loss"].item() == pytest.approx(expected_loss, abs=1e-5)
+    torch.testing.assert_close(two_process_result["query_to_query_grads"], expected_grads, atol=1e-5, rtol=1e-4)
+
+
+def test_a_positive_shared_across_processes_is_no_negative_of_the_other(tiny_bert_without_dropout,
+                                                                         two_process_result):
+    """Query 1 (process 0) and query 5 (process 1) have the same positive text: masked across the processes as in one
+    process of 8, where masking it or not visibly changes the loss."""
+    from global_negatives_script import reference_objective  # noqa: E402
+
+    expected_loss, expected_grads = reference_objective(tiny_bert_without_dropout, "duplicate")
+    unmasked_loss, _ = reference_objective(tiny_bert_without_dropout, "duplicate", with_keys=False)
+    assert abs(expected_loss - unmasked_loss) > 1e-3  # the shared text matters on this batch
+    assert two_process_result["duplicate_loss"].item() == pytest.approx(expected_loss, abs=1e-5)
+    torch.testing.assert_close(two_process_result["duplicate_grads"], expected_grads, atol=1e-5, rtol=1e-4)

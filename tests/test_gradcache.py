@@ -73,3 +73,39 @@ def test_gradcache_trains_end_to_end(tiny_bert, train_file, tmp_path):
                           str(tmp_path / "out"), "--max_steps", "2", "--per_device_train_batch_size", "8",
                           "--gradcache_mini_batch_size", "4", "--use_cpu", "true", "--report_to", "none"])
     assert metrics["train_loss"] > 0 and (tmp_path / "out" / "modules.json").is_file()
+
+
+def test_a_skipped_step_moves_the_optimizer_as_the_plain_skipped_step(tiny_bert_without_dropout, train_file, tmp_path,
+                                                                      monkeypatch):
+    """A non-finite loss at step 2 of 3 (``--on_non_finite skip``): the GradCache step still back-propagates zero
+    gradients, as the plain step's zero loss does, so AdamW steps on them (its moments decay, the update goes on)
+    and both paths end at the same weights."""
+    import json
+    import math
+
+    from safetensors.torch import load_file
+
+    from finetune import objectives, train
+
+    real_loss, calls = objectives.ranking_loss, {"n": 0}
+
+    def loss_that_explodes_at_step_2(*args, **kwargs):
+        calls["n"] += 1
+        loss = real_loss(*args, **kwargs)
+        return loss * math.inf if calls["n"] == 2 else loss
+
+    monkeypatch.setattr(objectives, "ranking_loss", loss_that_explodes_at_step_2)
+    weights = {}
+    for name, extra in (("plain", []), ("cached", ["--gradcache_mini_batch_size", "3"])):
+        calls["n"] = 0
+        output_dir = tmp_path / name
+        train.main(["--model_name_or_path", tiny_bert_without_dropout, "--train_file", train_file, "--output_dir",
+                    str(output_dir), "--max_steps", "3", "--per_device_train_batch_size", "4", "--learning_rate", "1e-3",
+                    "--warmup_steps", "0", "--on_non_finite", "skip", "--logging_steps", "1", "--save_steps", "100",
+                    "--use_cpu", "true", "--report_to", "none", "--dataloader_num_workers", "0", *extra])
+        assert calls["n"] == 3  # one loss per step, the second one skipped
+        logged = [e for e in json.loads((output_dir / "trainer_state.json").read_text())["log_history"] if "loss" in e]
+        assert [e["step"] for e in logged] == [1, 2, 3]
+        weights[name] = load_file(str(output_dir / "model.safetensors"))
+    worst = max((weights["plain"][key] - weights["cached"][key]).abs().max().item() for key in weights["plain"])
+    assert worst < 1e-5, f"the skipped GradCache step and the plain one end {worst} apart"

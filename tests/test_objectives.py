@@ -36,6 +36,38 @@ def test_ranking_objective_is_the_ranking_loss_bit_for_bit(mode):
     assert torch.equal(output.components["loss_ranking"], expected)
 
 
+DIRECTION_SETS = [("query_to_doc",), ("query_to_doc", "doc_to_query"), ("query_to_doc", "query_to_query"),
+                  ("query_to_doc", "doc_to_doc"), ("query_to_doc", "doc_to_query", "query_to_query", "doc_to_doc")]
+
+
+@pytest.mark.parametrize("directions", DIRECTION_SETS, ids=lambda d: "+".join(d))
+@pytest.mark.parametrize("mode", ["shared", "exclusive"])
+def test_ranking_objective_passes_its_directions_on(tmp_path, mode, directions):
+    """The objective wires its in-batch directions into the loss: for every direction set, its loss (built directly
+    and from --ranking_directions) is the pure loss function's, on the second of two shards with a repeated query."""
+    batch_size, k, shards = 3, 2, 2
+    generator = torch.Generator().manual_seed(7)
+    all_query_emb = torch.randn(shards * batch_size, 8, generator=generator)
+    doc_emb = torch.randn(shards * batch_size * (1 + k), 8, generator=generator)
+    query_keys, doc_keys = torch.arange(shards * batch_size), torch.arange(100, 100 + doc_emb.shape[0])
+    query_keys[4] = query_keys[0]  # a query of shard 0 repeats in shard 1: masked in the query directions
+    local = all_query_emb[batch_size:]
+    batch = EmbeddedBatch(local, doc_emb, doc_keys, shard_index=1, num_shards=shards, all_query_emb=all_query_emb,
+                          query_keys=query_keys)
+    expected = ranking_loss(local, doc_emb, doc_keys, num_negatives=k, scale=5.0, mode=mode, shard_index=1,
+                            num_shards=shards, directions=directions, all_query_emb=all_query_emb, query_keys=query_keys)
+    _, _, args = parse_arguments(["--output_dir", str(tmp_path), "--use_cpu", "true", "--temperature", str(1 / 5.0),
+                                  "--hard_negatives_mode", mode, "--ranking_directions", ",".join(directions)])
+    for objective in (RankingObjective(scale=5.0, mode=mode, directions=directions), build_objective(args)):
+        output = objective(batch)
+        assert output.loss.item() == pytest.approx(expected.item(), abs=1e-6), objective
+        assert output.components["loss_ranking"].item() == pytest.approx(expected.item(), abs=1e-6)
+    if len(directions) > 1:  # the directions change the loss on this batch: dropping them could not pass
+        only_query_to_doc = ranking_loss(local, doc_emb, doc_keys, num_negatives=k, scale=5.0, mode=mode,
+                                         shard_index=1, num_shards=shards)
+        assert abs(expected.item() - only_query_to_doc.item()) > 0.05
+
+
 def test_gather_batch_in_one_process_is_the_local_batch():
     query_emb, doc_emb, doc_keys = random_batch()
     scores = torch.rand(doc_emb.shape[0])

@@ -1,11 +1,13 @@
 """Crash safety: a run killed with SIGKILL resumes from its last complete checkpoint and ends where an
 uninterrupted run ends; a checkpoint cut short is skipped."""
 
+import json
 import os
 import signal
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 from safetensors.torch import load_file
 
@@ -77,3 +79,20 @@ def test_final_save_moves_modules_json_last(tmp_path):
         os.replace = original
     assert moved[-1] == "modules.json" and not staging.exists()
     assert (output / "modules.json").read_text() == "new" and not (output / "1_Pooling" / "stale.json").exists()
+
+
+def test_the_last_complete_checkpoint_is_chosen_by_step_number(tmp_path):
+    """checkpoint-10 comes after checkpoint-9 (by name, or by modification time here, it would come before it); an
+    incomplete newer one is skipped, and so is a folder that only looks like a checkpoint."""
+    from finetune.checkpointing import CHECKPOINT_COMPLETE, last_complete_checkpoint
+
+    for age, step in enumerate((2, 10, 100, 9)):  # checkpoint-9 has the newest modification time
+        (tmp_path / f"checkpoint-{step}").mkdir()
+        if step != 100:  # checkpoint-100 was cut short
+            (tmp_path / f"checkpoint-{step}" / CHECKPOINT_COMPLETE).write_text(json.dumps({"global_step": step}))
+        os.utime(tmp_path / f"checkpoint-{step}", (1_000_000 + age, 1_000_000 + age))
+    (tmp_path / "checkpoint-99.old").mkdir()
+    (tmp_path / "checkpoint-99.old" / CHECKPOINT_COMPLETE).write_text("{}")
+    assert last_complete_checkpoint(str(tmp_path)) == str(tmp_path / "checkpoint-10")
+    assert train.find_resume_checkpoint(SimpleNamespace(output_dir=str(tmp_path), resume_from_checkpoint=None,
+                                                        overwrite_output_dir=False)) == str(tmp_path / "checkpoint-10")

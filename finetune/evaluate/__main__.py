@@ -29,6 +29,7 @@ import sys
 import tempfile
 
 from finetune.checkpointing import write_json_atomic
+from finetune.distributed import end_process_group
 from finetune.evaluation import METRIC_NAMES, evaluate_model, load_retrieval_set
 from finetune.work_blocks import fingerprint
 
@@ -115,6 +116,7 @@ def cli() -> None:
     except (FileNotFoundError, ValueError) as error:
         print(f"error: {error}", file=sys.stderr)
         sys.exit(2)
+    end_process_group()  # several processes: all done, then the groups go before the interpreter does
 
 
 if __name__ == "__main__":
