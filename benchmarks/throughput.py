@@ -298,10 +298,10 @@ def run_worker(args) -> None:
               "padded": counter.padded, "real_sq": counter.real_sq, "peak_bytes": peak}
     if int(os.environ.get("RANK", "0")) == 0:  # under accelerate launch (benchmarks/gpu_scaling.py): rank 0 reports
         Path(args.result_file).write_text(json.dumps(result))
-    if args.worker != "theirs":
-        from finetune.train import close_process_group
+    if args.worker != "theirs":  # under accelerate launch: as train.cli does (a finished run must exit)
+        from finetune.distributed import end_process_group
 
-        close_process_group()
+        end_process_group()
 
 
 # ------------------------------------------------------------------------------------------ orchestrator

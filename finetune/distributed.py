@@ -57,7 +57,9 @@ def end_process_group() -> None:
     a gloo worker thread may still hold the last reference to a finished collective's tensors then, and releasing
     them once the interpreter is shutting down aborts the process (SIGABRT, "terminate called without an active
     exception"; about 3 launches in 10 of a 2-process all_gather on CPU, none with this call). The process that
-    finishes first is the exposed one: under DeepSpeed ZeRO-3, rank 1, while rank 0 still writes the model.
+    finishes first is the exposed one: under DeepSpeed ZeRO-3, rank 1, while rank 0 still writes the model. On a
+    GPU, a finished single-GPU DeepSpeed run without it stayed alive after saving, NCCL's heartbeat thread failing
+    every second on the launcher's closed TCP store, until the benchmark's time limit.
     """
     if dist.is_available() and dist.is_initialized():
         dist.barrier()

@@ -203,21 +203,11 @@ def main(argv: list[str] | None = None) -> dict:
     return run(*parse_arguments(argv))
 
 
-def close_process_group() -> None:
-    """End the run's process group before the interpreter exits: left open, NCCL's heartbeat thread kept a finished
-    DeepSpeed run alive on a GPU (its TCP store gone, 'Broken pipe' every second) until the launcher timed out."""
-    import torch.distributed as dist
-
-    if dist.is_available() and dist.is_initialized():
-        dist.destroy_process_group()
-
-
 def cli() -> None:
     """Entry point: bad input ends with one clear message and exit code 2, not a traceback. A run that succeeded
     ends its process group before the process exits (``finetune.distributed.end_process_group``)."""
     try:
         main()
-        close_process_group()
     except (DataFormatError, OutputDirError, ConfigError, ModelLoadError, NonFiniteError, FileNotFoundError, HubPushError,
             PeerProcessError, CheckpointWriteError, TrainingOutOfMemoryError) as error:
         print(f"error: {error}", file=sys.stderr)
