@@ -93,14 +93,24 @@ def gather_rows(tensor: torch.Tensor, backprop: str = "global") -> torch.Tensor:
     return torch.cat(parts)
 
 
+class UnsupportedShardingError(ValueError):
+    """An option that does not compose with the sharding engine of the launch (``train.cli``: one line, exit 2)."""
+
+
+def fsdp_requested(training_args) -> bool:
+    """Whether this run will be sharded by FSDP: ``accelerate launch`` with an FSDP config says so in the environment
+    (``ACCELERATE_USE_FSDP``), the Python API through ``--fsdp``. Readable before the Trainer exists."""
+    return bool(getattr(training_args, "fsdp", None)) or os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true"
+
+
 def check_sharding_support(*, gradcache: bool, lora: bool, fsdp: bool) -> None:
     """Refuse, before training, the combinations with a sharding engine that do not work (yet): both compose with
-    DeepSpeed ZeRO-2/3, neither with FSDP."""
+    DeepSpeed ZeRO-2/3, neither with FSDP. Raises ``UnsupportedShardingError``."""
     if gradcache and fsdp:
-        raise ValueError("--gradcache_mini_batch_size is not supported with FSDP (its step runs several backward "
+        raise UnsupportedShardingError("--gradcache_mini_batch_size is not supported with FSDP (its step runs several backward "
                          "passes of its own); use DDP (accelerate_configs/multi_gpu.yaml) or DeepSpeed ZeRO-2/3.")
     if lora and fsdp:
-        raise ValueError("--lora_r is not supported with FSDP yet; use DDP (accelerate_configs/multi_gpu.yaml) or "
+        raise UnsupportedShardingError("--lora_r is not supported with FSDP yet; use DDP (accelerate_configs/multi_gpu.yaml) or "
                          "DeepSpeed ZeRO-2/3 (accelerate_configs/deepspeed_zero2.yaml, deepspeed_zero3.yaml).")
 
 

@@ -22,7 +22,8 @@ from finetune.checkpointing import CheckpointWriteError, last_complete_checkpoin
 from finetune.config import ConfigError, launch_defaults, parse_arguments
 from finetune.blend import BlendedTripletDataset, blocks_consumed, blocks_per_dataset
 from finetune.data import TripletCollator
-from finetune.distributed import PeerProcessError, end_process_group, peer_failure_message
+from finetune.distributed import (PeerProcessError, UnsupportedShardingError, check_sharding_support,
+                                  end_process_group, fsdp_requested, peer_failure_message)
 from finetune.hub import HubPushError, SentenceTransformerHubMixin
 from finetune.modeling import EmbeddingModel, ModelLoadError
 from finetune.monitoring import NonFiniteError
@@ -126,6 +127,8 @@ def run(model_args: ModelArguments, data_args: DataArguments, training_args: Emb
         logger.info("%d processes without CUDA: %s by default (see config.launch_defaults); backend %s.",
                     training_args.world_size, " ".join(defaults), training_args.ddp_backend or "default")
     resume_from = find_resume_checkpoint(training_args)
+    check_sharding_support(gradcache=bool(training_args.gradcache_mini_batch_size), lora=model_args.lora is not None,
+                           fsdp=fsdp_requested(training_args))  # before the data is read or a model loaded
     # Validate all data before the model is loaded: a bad record should cost seconds, not GPU time.
     raw = read_data(data_args, training_args)
     for name, retrieval_set in (raw.retrieval_sets or {}).items():
@@ -209,7 +212,7 @@ def cli() -> None:
     try:
         main()
     except (DataFormatError, OutputDirError, ConfigError, ModelLoadError, NonFiniteError, FileNotFoundError, HubPushError,
-            PeerProcessError, CheckpointWriteError, TrainingOutOfMemoryError) as error:
+            PeerProcessError, CheckpointWriteError, TrainingOutOfMemoryError, UnsupportedShardingError) as error:
         print(f"error: {error}", file=sys.stderr)
         sys.exit(2)
     end_process_group()

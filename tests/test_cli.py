@@ -132,3 +132,23 @@ def test_a_command_that_succeeded_ends_its_process_group(process_group, monkeypa
     except SystemExit as exited:  # data_prep's tools exit with their status
         assert exited.code == 0
     assert not process_group.is_initialized()
+
+
+@pytest.mark.parametrize("option, refused", [(["--lora_r", "4"], "--lora_r is not supported with FSDP yet"),
+                                             (["--gradcache_mini_batch_size", "2"],
+                                              "--gradcache_mini_batch_size is not supported with FSDP")])
+def test_options_that_fsdp_does_not_take_end_in_one_line_before_any_work(option, refused, tiny_bert, train_file,
+                                                                        tmp_path, monkeypatch, capsys):
+    """Launched with an FSDP config (accelerate says so in ACCELERATE_USE_FSDP): refused with exit code 2 and one
+    line, before the data is read (a missing training file is not even noticed), never a traceback."""
+    from finetune import train
+
+    monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")
+    monkeypatch.setattr(sys, "argv", ["train.py", "--model_name_or_path", tiny_bert, "--use_cpu", "true",
+                                      "--train_file", str(tmp_path / "missing.jsonl"),
+                                      "--output_dir", str(tmp_path / "out"), "--report_to", "none", *option])
+    with pytest.raises(SystemExit) as exit_info:
+        train.cli()
+    assert exit_info.value.code == 2
+    error = capsys.readouterr().err.strip()
+    assert error.startswith(f"error: {refused}") and "\n" not in error, error
