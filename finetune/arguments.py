@@ -1,7 +1,9 @@
 """Command-line / recipe arguments: ModelArguments, DataArguments and EmbeddingTrainingArguments.
 
-Parsed once by ``HfArgumentParser`` in ``finetune.train``. Defaults run the bundled example: the
-packaged all-MiniLM-L6-v2 on ``data_prep/example_data``.
+Parsed by ``HfArgumentParser`` in ``finetune.config.parse_arguments`` (a second time with ``--eval_on_start true``
+put first when there is validation data, so that an explicit flag still wins). The help texts here are the one
+source of the options page (``scripts/generate_options_doc.py`` adds notes only to transformers' own options).
+Defaults run the bundled example: the packaged all-MiniLM-L6-v2 on ``data_prep/example_data``.
 """
 
 from __future__ import annotations
@@ -54,10 +56,11 @@ class ModelArguments:
         default=False, metadata={"help": "Allow model repos to run their own Python code. Off unless you trust the repo."})
     padding_free: bool = field(
         default=True,
-        metadata={"help": "Run the encoder on the real tokens only (packed; attention per sequence with SDPA), "
-                          "skipping the padding of every batch: same embeddings and gradients, less compute. "
-                          "BERT/RoBERTa/XLM-R encoders and Qwen2/3, Llama, Mistral, Gemma, Phi-3 decoders (checked "
-                          "against the padded forward at load); others fall back to padded batches with a log line."})
+        metadata={"help": "Run the encoder on the real tokens only (packed; attention per sequence by the kernel of "
+                          "--attention_kernel), skipping the padding of every batch: same embeddings and gradients, "
+                          "less compute. BERT/RoBERTa/XLM-R encoders and Qwen2/3, Llama, Mistral, Gemma, Phi-3 "
+                          "decoders (checked against the padded forward at load); others fall back to padded batches "
+                          "with a log line. See [Performance](performance.md)."})
     attention_kernel: str = field(
         default="auto",
         metadata={"help": "Attention kernel of padding-free encoding: 'auto' (on CUDA in fp16/bf16 a fused "
@@ -127,7 +130,8 @@ class DataArguments:
     validation_file: list[str] | None = field(
         default=None,
         metadata={"help": "Validation data in the same format (files or globs). Default: the bundled example's "
-                          "validation set when --train_file is not given, else none."})
+                          "validation set when --train_file is not given, else none. Gives the validation loss and "
+                          "the retrieval metrics at each evaluation, before the first step and at the end."})
     train_datasets: list[str] | None = field(
         default=None,
         metadata={"help": "Blended training on several datasets (NeMo's data_prefix blend), instead of --train_file: "
@@ -239,11 +243,12 @@ class EmbeddingTrainingArguments(TrainingArguments):
     hard_negatives_mode: str = field(
         default="shared",
         metadata={"help": "'shared': each query is scored against every document of the batch (sentence-transformers); "
-                          "'exclusive': against all in-batch positives plus only its own hard negatives (NeMo)."})
+                          "'exclusive': against all in-batch positives plus only its own hard negatives (NeMo). "
+                          "See [How training works](training.md#how-training-works)."})
     global_in_batch_negatives: bool = field(
         default=True,
         metadata={"help": "With several processes, score each query against the documents of all processes (the "
-                          "global batch), not only its own. NeMo: global_inbatch_negatives."})
+                          "global batch), not only its own. NeMo: global_inbatch_negatives. See [Scaling](scaling.md)."})
     global_backprop: str = field(
         default="global",
         metadata={"help": "Gradients of the gathered documents: 'global' flows back to every process (equals one big "
@@ -252,7 +257,7 @@ class EmbeddingTrainingArguments(TrainingArguments):
         default=None,
         metadata={"help": "GradCache: embed the batch in mini-batches of this many texts and back-propagate the full "
                           "batch's loss through them, so the per-device batch (and the negatives each query sees) can "
-                          "grow far beyond what fits in memory. Unset = plain training."})
+                          "grow far beyond what fits in memory. Unset = plain training. See [Scaling](scaling.md)."})
     ranking_directions: list[str] = field(
         default_factory=lambda: ["query_to_doc"],
         metadata={"help": "In-batch directions of the ranking loss, comma- or space-separated: query_to_doc (each query "

@@ -155,7 +155,7 @@ class DistillationObjective:
     needs_scores = True
 
     def __call__(self, batch: EmbeddedBatch) -> ObjectiveOutput:
-        if batch.doc_scores is None:  # validation data without scores (training data must have them: train.py checks)
+        if batch.doc_scores is None:  # validation data without scores (training data must have them: training_data.py checks)
             return ObjectiveOutput(batch.query_emb.sum() * 0.0)
         if batch.num_negatives < 1:
             raise ValueError("Distillation needs hard negatives (--num_hard_negatives >= 1) to compare candidates.")

@@ -2,7 +2,8 @@
 
     python scripts/generate_options_doc.py
 
-The page is generated: edit the help texts in finetune/arguments.py (or the notes below) and run this
+The page is generated: edit the help texts in finetune/arguments.py (or, for transformers' own options, the notes
+below) and run this
 again; tests/test_docs.py fails while the page is out of date. The output depends only on the code and the
 pinned transformers version, never on the machine: defaults computed at run time (such as the path of the
 packaged model) are shown as ``(computed: see help)``.
@@ -52,15 +53,9 @@ INHERITED_INTRO = ("transformers' own options, as transformers defines them (hel
                    "`python finetune/train.py --help` prints it whole). Where this project uses one in a "
                    "particular way, the row says so after \"This project:\".")
 
-# What the parser's help cannot say: how this project uses an option. Appended to the help text.
+# How this project uses transformers' own options (their help is transformers'); appended to the help text. Our own
+# options' help lives in finetune/arguments.py alone.
 NOTES = {
-    "padding_free": "See [Performance](performance.md).",
-    "validation_file": "Gives the validation loss and the retrieval metrics at each evaluation, before the first "
-                       "step and at the end.",
-    "hard_negatives_mode": "See [How training works](training.md#how-training-works).",
-    "global_in_batch_negatives": "See [Scaling](scaling.md).",
-    "gradcache_mini_batch_size": "See [Scaling](scaling.md).",
-    # Inherited options.
     "train_sampling_strategy": "This project: `random` (a seeded permutation per epoch), `group_by_length` (batches "
                                "of similar length, see [Performance](performance.md)) or `sequential`; other values "
                                "are refused.",

@@ -27,3 +27,42 @@ def test_train_script_imports_the_real_evaluate_package():
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr[-2000:]
     assert "site-packages" in result.stdout and str(PACKAGE) not in result.stdout
+
+
+def layout_rows() -> list[list[str]]:
+    """The finetune/ rows of the README's project layout, in order: the module names each row lists."""
+    readme = (ROOT / "README.md").read_text()
+    block = readme[readme.index("```\nfinetune/            training package"):]
+    block = block[:block.index("\nfinetune/metrics/")]
+    import re
+
+    return [re.findall(r"([a-z_]+)\.py", line.split("  ", 2)[1]) for line in block.splitlines()[1:]
+            if line.startswith("  ") and not line.startswith("   ")]
+
+
+def finetune_imports(path: Path) -> set[str]:
+    """The finetune modules ``path`` imports, at the top or inside functions."""
+    import ast
+
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.ImportFrom) and node.module and node.module.split(".")[0] == "finetune":
+            parts = node.module.split(".")
+            found.update([parts[1]] if len(parts) > 1 else [alias.name for alias in node.names])
+        elif isinstance(node, ast.Import):
+            found.update(alias.name.split(".")[1] for alias in node.names
+                         if alias.name.startswith("finetune.") and alias.name.count(".") >= 1)
+    return found
+
+
+def test_the_readme_layout_lists_every_module_and_imports_flow_up_its_rows():
+    """What the README's layout says is true: every finetune/ module has a row, and each imports only modules of
+    rows above its own (the metrics folder aside: a leaf)."""
+    rows = layout_rows()
+    row_of = {name: index for index, names in enumerate(rows) for name in names}
+    modules = {path.stem: path for path in PACKAGE.glob("*.py") if path.stem != "__init__"}
+    assert set(modules) == set(row_of), f"missing: {sorted(set(modules) - set(row_of))}, " \
+                                        f"not modules: {sorted(set(row_of) - set(modules))}"
+    upward = [(name, dependency) for name, path in modules.items() for dependency in finetune_imports(path)
+              if dependency in row_of and row_of[dependency] >= row_of[name]]
+    assert not upward, f"imports from the same row or below: {upward}"
