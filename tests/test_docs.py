@@ -2,6 +2,7 @@
 
 import importlib.util
 import re
+import sys
 from pathlib import Path
 
 import pytest
@@ -72,3 +73,70 @@ def test_readme_links_every_docs_page():
     readme = README.read_text(encoding="utf-8")
     unlinked = [page.name for page in DOCS.glob("*.md") if f"](docs/{page.name})" not in readme]
     assert not unlinked, f"docs pages missing from the README's contents: {unlinked}"
+
+
+COMMAND_SCRIPTS = sorted([*(ROOT / "data_prep").glob("*.py"), ROOT / "finetune" / "evaluate" / "__main__.py",
+                          ROOT / "finetune" / "push_to_hub.py", *(ROOT / "benchmarks").glob("*.py"),
+                          *(ROOT / "scripts").glob("*.py")])
+# Options of other tools the docs quote: NeMo's Hydra flags (the NeMo mapping page), pip's, and the README's
+# placeholder for "any option".
+FOREIGN_OPTIONS = {"--config-path", "--config-name", "--no-deps", "--option"}
+
+
+class _ParserBuilt(Exception):
+    def __init__(self, parser):
+        self.parser = parser
+
+
+def command_options() -> set[str]:
+    """Every option of every command the docs can name: finetune/train.py, the data_prep tools, finetune.evaluate,
+    the benchmarks and scripts (each run up to its argument parsing), and accelerate launch."""
+    import argparse
+    import runpy
+
+    from accelerate.commands.launch import launch_command_parser
+
+    from finetune.config import build_parser
+
+    options = {o for action in build_parser()._actions for o in action.option_strings}
+    options |= {o for action in launch_command_parser()._actions for o in action.option_strings}
+
+    def stop(parser, *args, **kwargs):
+        raise _ParserBuilt(parser)
+
+    saved_path, saved_modules, saved_argv = list(sys.path), set(sys.modules), sys.argv
+    original = argparse.ArgumentParser.parse_known_args
+    argparse.ArgumentParser.parse_known_args = stop
+    try:
+        for script in COMMAND_SCRIPTS:
+            if "ArgumentParser" not in script.read_text():
+                continue
+            sys.argv = [str(script)]
+            try:
+                runpy.run_path(str(script), run_name="__main__")
+            except _ParserBuilt as built:
+                options |= {o for action in built.parser._actions for o in action.option_strings}
+            except SystemExit:
+                pass
+            finally:  # scripts put their folders on sys.path: none may shadow finetune's modules afterwards
+                sys.path[:] = saved_path
+                for name in set(sys.modules) - saved_modules:
+                    if not name.startswith(("finetune", "data_prep", "torch", "transformers")):
+                        sys.modules.pop(name, None)
+    finally:
+        argparse.ArgumentParser.parse_known_args = original
+        sys.argv = saved_argv
+    return options
+
+
+def test_every_option_a_docs_page_names_exists():
+    """An option written in the README or a docs page (``--name`` or ``--name-with-dashes``) is an option of one of
+    the project's commands, or of accelerate launch: renamed or removed options cannot linger in the docs."""
+    import re
+
+    known = command_options() | FOREIGN_OPTIONS
+    pages = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
+    named = {(match, page.name) for page in pages
+             for match in re.findall(r"(?<![\w-])--[a-z][a-z0-9_-]*[a-z0-9]", page.read_text())}
+    unknown = sorted((option, page) for option, page in named if option not in known)
+    assert not unknown, f"docs name options no command has: {unknown}"
