@@ -21,6 +21,7 @@ none is left ``fused_kernel_available`` tells the model to encode padded sub-bat
 
 from __future__ import annotations
 
+import functools
 import inspect
 import logging
 from typing import Callable
@@ -65,6 +66,7 @@ def reset() -> None:
 
 
 # ------------------------------------------------------------------------------------------ availability
+@functools.lru_cache(maxsize=1)  # a failed import is retried on every call otherwise
 def _flash_attn_function():
     try:
         from flash_attn import flash_attn_varlen_func
@@ -73,6 +75,7 @@ def _flash_attn_function():
     return flash_attn_varlen_func
 
 
+@functools.lru_cache(maxsize=1)
 def _torch_varlen_function():
     try:
         from torch.nn.attention.varlen import varlen_attn
@@ -81,6 +84,7 @@ def _torch_varlen_function():
     return varlen_attn
 
 
+@functools.lru_cache(maxsize=1)
 def _flex_function():
     try:
         from torch.nn.attention.flex_attention import flex_attention
@@ -179,11 +183,17 @@ class FlashVarlenFunction(torch.autograd.Function):
         return dq, dk, dv, None, None, None, None, None
 
 
+@functools.lru_cache(maxsize=4)
+def _parameters_of(function) -> frozenset[str]:
+    """The parameter names of ``function`` (read once: every layer of every forward asks)."""
+    return frozenset(inspect.signature(function).parameters)
+
+
 def _varlen_call(q: torch.Tensor, scale: float | None, causal: bool, gqa: bool) -> tuple[torch.Tensor, dict]:
     """The query and keywords for this torch's ``varlen_attn``: causality as ``is_causal`` (2.9) or ``window_size``
     (later), ``enable_gqa`` where it exists (older versions pass fewer key/value heads through unchecked), and a
     scale folded into the query where there is no ``scale`` keyword."""
-    parameters = inspect.signature(_torch_varlen_function()).parameters
+    parameters = _parameters_of(_torch_varlen_function())
     keywords = {}
     if "is_causal" in parameters:
         keywords["is_causal"] = causal
