@@ -17,7 +17,9 @@ from transformers import TrainingArguments
 from finetune.attention_kernels import set_preference as set_kernel_preference
 from finetune.blend import SAMPLING_MODES, DatasetSpec, parse_dataset_specs
 from finetune.decoders import ATTENTION_MODES
+from finetune.distributed import GATHER_MODES
 from finetune.lora import LoraSettings
+from finetune.monitoring import ON_NON_FINITE
 from finetune.losses import DIRECTIONS, DISTILLATION_KINDS, NEGATIVE_MODES
 from finetune.pooling import POOLING_MODES
 from finetune.text import TextSide
@@ -327,12 +329,12 @@ class EmbeddingTrainingArguments(TrainingArguments):
             raise ValueError(f"--temperature must be > 0, got {self.temperature}.")
         if self.hard_negatives_mode not in NEGATIVE_MODES:
             raise ValueError(f"--hard_negatives_mode must be one of {NEGATIVE_MODES}, got {self.hard_negatives_mode!r}.")
-        if self.global_backprop not in ("global", "local"):
-            raise ValueError(f"--global_backprop must be 'global' or 'local', got {self.global_backprop!r}.")
+        if self.global_backprop not in GATHER_MODES:
+            raise ValueError(f"--global_backprop must be one of {GATHER_MODES}, got {self.global_backprop!r}.")
         if self.gradcache_mini_batch_size is not None and self.gradcache_mini_batch_size < 1:
             raise ValueError(f"--gradcache_mini_batch_size must be >= 1, got {self.gradcache_mini_batch_size}.")
-        if self.on_non_finite not in ("stop", "skip"):
-            raise ValueError(f"--on_non_finite must be 'stop' or 'skip', got {self.on_non_finite!r}.")
+        if self.on_non_finite not in ON_NON_FINITE:
+            raise ValueError(f"--on_non_finite must be one of {ON_NON_FINITE}, got {self.on_non_finite!r}.")
         self._check_objective()
         if self.train_sampling_strategy not in SAMPLING_STRATEGIES:
             raise ValueError(f"--train_sampling_strategy {self.train_sampling_strategy} is not supported here; "

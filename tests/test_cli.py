@@ -152,3 +152,19 @@ def test_options_that_fsdp_does_not_take_end_in_one_line_before_any_work(option,
     assert exit_info.value.code == 2
     error = capsys.readouterr().err.strip()
     assert error.startswith(f"error: {refused}") and "\n" not in error, error
+
+
+@pytest.mark.parametrize("flag, value, allowed", [("--on_non_finite", "ignore", "('stop', 'skip')"),
+                                                  ("--global_backprop", "both", "('global', 'local')"),
+                                                  ("--attention_kernel", "xformers", "('auto', 'flash_attn'")])
+def test_a_value_outside_an_options_choices_is_one_line_naming_them(flag, value, allowed, monkeypatch, capsys):
+    """The allowed values come from the module that implements them (monitoring.ON_NON_FINITE,
+    distributed.GATHER_MODES, attention_kernels.KERNELS); the refusal is one line and exit code 2."""
+    from finetune import train
+
+    monkeypatch.setattr(sys, "argv", ["train.py", flag, value, "--use_cpu", "true"])
+    with pytest.raises(SystemExit) as exit_info:
+        train.cli()
+    error = capsys.readouterr().err.strip()
+    assert exit_info.value.code == 2 and "\n" not in error
+    assert error.startswith(f"error: {flag} must be one of {allowed}") and repr(value) in error, error
