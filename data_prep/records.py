@@ -14,9 +14,7 @@ import unicodedata
 from collections.abc import Callable, Iterable
 
 from finetune.checkpointing import atomic_write
-from finetune.data import text_key
-from finetune.distributed import end_process_group
-from finetune.schema import POS_DOC, NEG_DOC, QUESTION, SCORED_LISTS, DataFormatError, normalize_record
+from finetune.schema import POS_DOC, NEG_DOC, QUESTION, SCORED_LISTS, DataFormatError, normalize_record, text_key
 
 _SPACES = re.compile(r"\s+")
 
@@ -106,5 +104,8 @@ def run_cli(main: Callable[[], object]) -> None:
     except (FileNotFoundError, NotADirectoryError, DataFormatError, ValueError) as error:
         print(f"error: {error}", file=sys.stderr)
         sys.exit(2)
-    end_process_group()  # under accelerate launch: all done, then the groups go before the interpreter does
+    if "torch.distributed" in sys.modules:  # only a tool that loaded torch can have a process group to end
+        from finetune.distributed import end_process_group
+
+        end_process_group()  # under accelerate launch: all done, then the groups go before the interpreter does
     sys.exit(result if isinstance(result, int) and not isinstance(result, bool) else 0)

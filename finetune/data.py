@@ -23,6 +23,7 @@ from torch.utils.data import Dataset, Sampler
 from transformers import PreTrainedTokenizerBase, TrainerCallback
 
 from finetune.blend import BlendedEpochSampler, BlendedEvalSampler, BlendedTripletDataset
+from finetune.schema import text_key  # noqa: F401 (also finetune.data's: the tokenized columns' keys)
 from finetune.schema import (NEG_DOC, NEG_SCORES, OPTIONAL_FIELDS, POS_DOC, POS_SCORES, QUESTION, SOURCE,
                              DataFormatError, RecordProblem, expand_data_files, read_records)
 from finetune.text import TextSide
@@ -48,11 +49,6 @@ TOKENIZED_FEATURES = datasets.Features({
     **OPTIONAL_FEATURES,
     SOURCE: datasets.Value("string"),
 })
-
-
-def text_key(text: str) -> int:
-    """A 64-bit content hash of a document text: equal texts get equal keys (duplicate masking)."""
-    return int.from_bytes(hashlib.blake2b(text.encode("utf-8"), digest_size=8).digest(), "little", signed=True)
 
 
 def _generate_records(files: list[str], stamps: list) -> Iterator[dict]:

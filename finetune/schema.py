@@ -15,11 +15,18 @@ from __future__ import annotations
 
 import glob
 import gzip
+import hashlib
 import json
 import math
 import os
 from collections.abc import Iterator
 from dataclasses import dataclass
+
+
+def text_key(text: str) -> int:
+    """A 64-bit content hash of a text: equal texts get equal keys (duplicate masking in training, duplicate records
+    in data_prep). Here, with no heavy import, so that the data tools need neither torch nor datasets."""
+    return int.from_bytes(hashlib.blake2b(text.encode("utf-8"), digest_size=8).digest(), "little", signed=True)
 
 QUESTION, POS_DOC, NEG_DOC = "question", "pos_doc", "neg_doc"
 POS_SCORES, NEG_SCORES = "pos_scores", "neg_scores"

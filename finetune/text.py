@@ -10,8 +10,10 @@ a text is cut and prefixed the same way everywhere. The two sides of a retrieval
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
-from transformers import PreTrainedTokenizerBase
+if TYPE_CHECKING:  # annotations only: the data tools import this module without loading transformers
+    from transformers import PreTrainedTokenizerBase
 
 
 @dataclass(frozen=True)

@@ -66,3 +66,13 @@ def test_the_readme_layout_lists_every_module_and_imports_flow_up_its_rows():
     upward = [(name, dependency) for name, path in modules.items() for dependency in finetune_imports(path)
               if dependency in row_of and row_of[dependency] >= row_of[name]]
     assert not upward, f"imports from the same row or below: {upward}"
+
+
+def test_the_light_data_tools_load_neither_torch_nor_datasets_nor_transformers():
+    """validate, convert and split read and write JSON: they depend on finetune's light modules only (schema, text,
+    checkpointing), so they start in a fraction of a second and install-light machines can run them."""
+    code = ("import sys, data_prep.validate, data_prep.convert, data_prep.split; "
+            "print(sorted(m for m in ('torch', 'datasets', 'transformers') if m in sys.modules))")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, cwd=ROOT)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stdout.strip() == "[]", result.stdout
