@@ -104,8 +104,9 @@ def run_cli(main: Callable[[], object]) -> None:
     except (FileNotFoundError, NotADirectoryError, DataFormatError, ValueError) as error:
         print(f"error: {error}", file=sys.stderr)
         sys.exit(2)
+    code = result if isinstance(result, int) and not isinstance(result, bool) else 0
     if "torch.distributed" in sys.modules:  # only a tool that loaded torch can have a process group to end
         from finetune.distributed import end_process_group
 
-        end_process_group()  # under accelerate launch: all done, then the groups go before the interpreter does
-    sys.exit(result if isinstance(result, int) and not isinstance(result, bool) else 0)
+        end_process_group(code)  # under accelerate launch: all done, then the groups go before the interpreter does
+    sys.exit(code)

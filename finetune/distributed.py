@@ -8,6 +8,7 @@ import contextlib
 import logging
 import math
 import os
+import sys
 from collections.abc import Callable, Iterator
 
 import torch
@@ -48,22 +49,32 @@ def encode_sharded(encode: Callable[[list[str]], torch.Tensor], texts: list[str]
     return torch.cat(gathered)[:len(texts)].cpu()
 
 
-def end_process_group() -> None:
-    """End a multi-process run cleanly: wait until every process is done, then destroy the process groups; a no-op
-    in a single process.
+def end_process_group(exit_code: int = 0) -> None:
+    """End a multi-process run cleanly: wait until every process is done; then the main process destroys the
+    process groups and returns, and every other process leaves at once with ``exit_code``. A no-op (it returns) in
+    a single process; call it last.
 
     Call it once, when the process finished its work and is about to exit; not after an error (a process that died
     would leave the others waiting in the barrier). Without it the interpreter's own shutdown tears the groups down:
     a gloo worker thread may still hold the last reference to a finished collective's tensors then, and releasing
     them once the interpreter is shutting down aborts the process (SIGABRT, "terminate called without an active
-    exception"; about 3 launches in 10 of a 2-process all_gather on CPU, none with this call). The process that
-    finishes first is the exposed one: under DeepSpeed ZeRO-3, rank 1, while rank 0 still writes the model. On a
-    GPU, a finished single-GPU DeepSpeed run without it stayed alive after saving, NCCL's heartbeat thread failing
-    every second on the launcher's closed TCP store, until the benchmark's time limit.
+    exception"; about 3 launches in 10 of a 2-process all_gather on CPU, none with the barrier and destroy). Under
+    DeepSpeed ZeRO-3 on CPU a non-main process still aborted so once in a few CI runs after both, at the end of its
+    teardown; so the other processes, which have nothing left to write or log (wandb and the files are the main
+    process's), skip the teardown: output flushed, ``os._exit``. On a GPU, a finished single-GPU DeepSpeed run
+    without the destroy stayed alive after saving, NCCL's heartbeat thread failing every second on the launcher's
+    closed TCP store, until the benchmark's time limit.
     """
-    if dist.is_available() and dist.is_initialized():
-        dist.barrier()
-        dist.destroy_process_group()
+    if not (dist.is_available() and dist.is_initialized()):
+        return
+    main = dist.get_rank() == 0
+    dist.barrier()
+    if not main:
+        logging.shutdown()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(exit_code)
+    dist.destroy_process_group()
 
 
 GATHER_MODES = ("global", "local")
