@@ -24,10 +24,9 @@ from tqdm.auto import tqdm
 
 from data_prep.records import json_line, normalized_key, run_cli, setup_logging
 from finetune.checkpointing import atomic_write
-from finetune.text import TextSide
-from finetune.schema import text_key
 from finetune.schema import (EMPTY_FILE, NEG_DOC, POS_DOC, QUESTION, DataFormatError, RecordProblem, expand_data_files,
-                             iter_raw_records, record_problems)
+                             iter_raw_records, record_problems, text_key)
+from finetune.text import TextSide
 
 logger = logging.getLogger("data_prep.validate")
 LENGTH_FIELDS = (QUESTION, POS_DOC, NEG_DOC)

@@ -23,9 +23,8 @@ from torch.utils.data import Dataset, Sampler
 from transformers import PreTrainedTokenizerBase, TrainerCallback
 
 from finetune.blend import BlendedEpochSampler, BlendedEvalSampler, BlendedTripletDataset
-from finetune.schema import text_key  # noqa: F401 (also finetune.data's: the tokenized columns' keys)
 from finetune.schema import (NEG_DOC, NEG_SCORES, OPTIONAL_FIELDS, POS_DOC, POS_SCORES, QUESTION, SOURCE,
-                             DataFormatError, RecordProblem, expand_data_files, read_records)
+                             DataFormatError, RecordProblem, expand_data_files, read_records, text_key)
 from finetune.text import TextSide
 
 # Optional record fields travel as nullable columns: None where a record does not carry them.

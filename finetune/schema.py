@@ -22,12 +22,6 @@ import os
 from collections.abc import Iterator
 from dataclasses import dataclass
 
-
-def text_key(text: str) -> int:
-    """A 64-bit content hash of a text: equal texts get equal keys (duplicate masking in training, duplicate records
-    in data_prep). Here, with no heavy import, so that the data tools need neither torch nor datasets."""
-    return int.from_bytes(hashlib.blake2b(text.encode("utf-8"), digest_size=8).digest(), "little", signed=True)
-
 QUESTION, POS_DOC, NEG_DOC = "question", "pos_doc", "neg_doc"
 POS_SCORES, NEG_SCORES = "pos_scores", "neg_scores"
 # Teacher scores: each list is aligned with the document list it scores.
@@ -48,6 +42,12 @@ class RecordProblem:
     def __str__(self) -> str:
         where = f"{self.file}, {self.location}"
         return f"{where}, field '{self.field}': {self.message}" if self.field else f"{where}: {self.message}"
+
+
+def text_key(text: str) -> int:
+    """A 64-bit content hash of a text: equal texts get equal keys (duplicate masking in training, duplicate records
+    in data_prep). Here, with no heavy import, so that the data tools need neither torch nor datasets."""
+    return int.from_bytes(hashlib.blake2b(text.encode("utf-8"), digest_size=8).digest(), "little", signed=True)
 
 
 class DataFormatError(ValueError):

@@ -14,18 +14,17 @@ METHODS = [entry for entry in TRAINER_INTERNALS if entry.uses.startswith("Traine
 
 
 def our_callable(path: str):
-    module_name, *attributes = path.split(".")
-    module_path = module_name
-    for index, attribute in enumerate(attributes):  # the longest importable module prefix, then attributes
+    """``package.module.Class.method`` -> the object: the longest importable prefix, then attributes."""
+    parts = path.split(".")
+    for cut in range(len(parts) - 1, 0, -1):
         try:
-            module = importlib.import_module(".".join([module_name, *attributes[:index + 1]]))
-            module_path = ".".join([module_name, *attributes[:index + 1]])
+            target = importlib.import_module(".".join(parts[:cut]))
         except ImportError:
-            break
-    target = importlib.import_module(module_path)
-    for attribute in path[len(module_path) + 1:].split("."):
-        target = getattr(target, attribute)
-    return target
+            continue
+        for attribute in parts[cut:]:
+            target = getattr(target, attribute)
+        return target
+    raise ImportError(path)
 
 
 @pytest.mark.parametrize("entry", METHODS, ids=[entry.where for entry in METHODS])
