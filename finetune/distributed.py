@@ -6,10 +6,9 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import math
 import os
 import sys
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 
 import torch
 import torch.distributed as dist
@@ -29,24 +28,6 @@ def world() -> tuple[int, int]:
     if dist.is_available() and dist.is_initialized():
         return dist.get_rank(), dist.get_world_size()
     return 0, 1
-
-
-def encode_sharded(encode: Callable[[list[str]], torch.Tensor], texts: list[str], device: torch.device) -> torch.Tensor:
-    """Encode ``texts`` with every process doing one contiguous shard; returns all (N, D) rows, in order, on CPU.
-
-    Shards are padded to equal size (repeating a text) so that every rank runs the same number of
-    forward passes, which ZeRO-3 needs; the padding rows are dropped after the gather.
-    """
-    rank, size = world()
-    if size == 1:
-        return encode(texts)
-    per_rank = math.ceil(len(texts) / size)
-    shard = texts[rank * per_rank:(rank + 1) * per_rank]
-    shard = shard + [texts[0]] * (per_rank - len(shard))
-    local = encode(shard).to(device)  # (per_rank, D)
-    gathered = [torch.empty_like(local) for _ in range(size)]
-    dist.all_gather(gathered, local)
-    return torch.cat(gathered)[:len(texts)].cpu()
 
 
 def end_process_group(exit_code: int = 0) -> None:

@@ -26,10 +26,10 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from finetune.distributed import encode_sharded
+from finetune.embedding_shards import InMemoryEmbeddings, encode_in_memory
 from finetune.metrics.retrieval.retrieval import METRIC_NAMES, mean_metrics, query_metrics
-from finetune.search import chunked_topk
-from finetune.sharded_search import ShardOptions, encode_corpus, read_blocks, remove_parts, search_queries
+from finetune.sharded_search import (SearchedBlock, ShardOptions, encode_corpus, read_blocks, remove_parts,
+                                     search_block, search_queries)
 from finetune.text import TextSide
 from finetune.work_blocks import path_identity, process_state
 
@@ -95,10 +95,12 @@ def compute_metrics(run: Run, qrels: Qrels) -> dict[str, float]:
 
 def search(query_emb: torch.Tensor, corpus_emb: torch.Tensor, query_ids: list[str], doc_ids: list[str],
            top_k: int = 100) -> Run:
-    """Exact top-k search -> run. Shapes: query_emb (Q, D), corpus_emb (N, D)."""
-    scores, indices = chunked_topk(query_emb, corpus_emb, top_k)
-    return {qid: {doc_ids[i]: s for i, s in zip(row_indices.tolist(), row_scores.tolist())}
-            for qid, row_scores, row_indices in zip(query_ids, scores, indices)}
+    """Exact top-k search by dot product (the stack's ``search_block``) -> run. Shapes: query_emb (Q, D), corpus_emb
+    (N, D)."""
+    options = ShardOptions(folder=None)
+    block = search_block(query_emb, InMemoryEmbeddings(corpus_emb, options.shard_size), top_k, options)
+    return {qid: {doc_ids[i]: s for i, s in zip(row_indices, row_scores)}
+            for qid, row_scores, row_indices in zip(query_ids, block.scores.tolist(), block.indices.tolist())}
 
 
 def in_group_metrics(query_emb: torch.Tensor, corpus_emb: torch.Tensor, query_index: dict[str, int],
@@ -108,16 +110,9 @@ def in_group_metrics(query_emb: torch.Tensor, corpus_emb: torch.Tensor, query_in
     ingroup_accuracy: share of groups whose best positive beats every negative; ingroup_mrr: mean of
     1 / (1 + number of negatives scoring above the best positive).
     """
-    if not dataset.groups:
-        return {}
-    reciprocal_ranks = []
-    for qid, negatives in dataset.groups:
-        query = query_emb[query_index[qid]]
-        positive_rows = [doc_index[d] for d, rel in dataset.qrels[qid].items() if rel > 0]
-        best_positive = (corpus_emb[positive_rows] @ query).max()
-        above = int(((corpus_emb[[doc_index[d] for d in negatives]] @ query) > best_positive).sum())
-        reciprocal_ranks.append(1.0 / (1 + above))
-    return in_group_summary(reciprocal_ranks)
+    rows = in_group_rows(dataset, doc_index)
+    return in_group_metrics_from_rows(dataset, {qid: (corpus_emb[rows_of] @ query_emb[query_index[qid]]).numpy()
+                                                for qid, rows_of in rows.items()})
 
 
 def in_group_summary(reciprocal_ranks: list[float]) -> dict[str, float]:
@@ -147,42 +142,83 @@ def in_similarity_space(embeddings: torch.Tensor, similarity: str) -> torch.Tens
     return torch.where(unit, embeddings, F.normalize(embeddings, dim=-1))
 
 
+def similarity_transform(similarity: str, dim: int | None = None) -> Callable[[torch.Tensor], torch.Tensor]:
+    """What is compared: embeddings cut to their first ``dim`` values (Matryoshka; None: whole), then put in the
+    ``similarity``'s space (``in_similarity_space``). Shapes: (n, D) -> (n, dim)."""
+    def transform(embeddings: torch.Tensor) -> torch.Tensor:
+        return in_similarity_space(embeddings if dim is None else embeddings[:, :dim], similarity)
+    return transform
+
+
+def metrics_from_blocks(dataset: RetrievalSet, query_ids: list[str], doc_ids: list[str],
+                        blocks: Iterable[SearchedBlock]) -> dict[str, float]:
+    """METRIC_NAMES and the in-group metrics from the searched blocks of the queries (top-k rows and the scores of
+    the rows of ``in_group_rows``): the last step of both the in-memory and the on-disk evaluation."""
+    group_rows = in_group_rows(dataset, {doc: row for row, doc in enumerate(doc_ids)})
+    run: Run = {}
+    row_scores: dict[str, np.ndarray] = {}
+    for block in blocks:
+        for offset, (scores, indices) in enumerate(zip(block.scores.tolist(), block.indices.tolist())):
+            qid = query_ids[block.start + offset]
+            run[qid] = {doc_ids[i]: s for i, s in zip(indices, scores)}
+            if qid in group_rows:
+                row_scores[qid] = block.row_scores[offset]
+    metrics = compute_metrics(run, dataset.qrels)
+    metrics.update(in_group_metrics_from_rows(dataset, row_scores))
+    return metrics
+
+
 def evaluate_retrieval(encode_queries: Callable[[list[str]], torch.Tensor],
                        encode_documents: Callable[[list[str]], torch.Tensor],
                        dataset: RetrievalSet, top_k: int = 100, similarity: str = "cosine",
-                       truncate_dims: tuple[int, ...] = ()) -> dict[str, float]:
-    """Encode queries and corpus with the given functions ((N, D) tensors), search exactly by ``similarity``, and score.
+                       truncate_dims: tuple[int, ...] = (), *, options: ShardOptions | None = None,
+                       device: torch.device | None = None) -> dict[str, float]:
+    """Encode queries and corpus in memory with the given functions (one batch of texts -> (n, D)), search exactly by
+    ``similarity``, and score: the stack of ``evaluate_model`` with the corpus held in memory in fp32.
 
+    The batches are those of the on-disk shards and query blocks of ``options`` (``ShardOptions``; its ``folder`` is
+    not used), so the metrics equal ``evaluate_model``'s with fp32 shards and the same options. Several processes
+    share the batches (every process calls this; rows gathered on ``device``) and all get the metrics.
     Returns METRIC_NAMES plus, when the set has groups, the in-group metrics; for each of ``truncate_dims``
     the same metrics of the embeddings cut to that size (``ndcg@10_dim128``...; Matryoshka), from the same encoding.
     """
+    options = options or ShardOptions(folder=None)
     query_ids, doc_ids = list(dataset.queries), list(dataset.corpus)
-    query_emb = encode_queries([dataset.queries[qid] for qid in query_ids]).float()
-    corpus_emb = encode_documents([dataset.corpus[did] for did in doc_ids]).float()
-    metrics = score_embeddings(query_emb, corpus_emb, query_ids, doc_ids, dataset, top_k, similarity)
+    corpus = InMemoryEmbeddings(encode_in_memory(encode_documents, [dataset.corpus[d] for d in doc_ids],
+                                                 unit_size=options.shard_size, batch_size=options.batch_size,
+                                                 device=device), options.shard_size)
+    query_emb = encode_in_memory(encode_queries, [dataset.queries[q] for q in query_ids],
+                                 unit_size=options.query_block_size, batch_size=options.batch_size, device=device)
+    metrics = score_embeddings(query_emb, corpus, query_ids, doc_ids, dataset, top_k, similarity, options=options)
     for dim in truncate_dims:
-        truncated = score_embeddings(query_emb[:, :dim], corpus_emb[:, :dim], query_ids, doc_ids, dataset, top_k,
-                                     similarity)
+        truncated = score_embeddings(query_emb, corpus, query_ids, doc_ids, dataset, top_k, similarity, dim=dim,
+                                     options=options)
         metrics.update({f"{name}_dim{dim}": value for name, value in truncated.items()})
     return metrics
 
 
-def score_embeddings(query_emb: torch.Tensor, corpus_emb: torch.Tensor, query_ids: list[str], doc_ids: list[str],
-                     dataset: RetrievalSet, top_k: int = 100, similarity: str = "cosine") -> dict[str, float]:
-    """Metrics of ranking the corpus by ``similarity``. Shapes: query_emb (Q, D), corpus_emb (N, D), rows as the ids."""
-    query_emb = in_similarity_space(query_emb, similarity)
-    corpus_emb = in_similarity_space(corpus_emb, similarity)
-    metrics = compute_metrics(search(query_emb, corpus_emb, query_ids, doc_ids, top_k), dataset.qrels)
-    metrics.update(in_group_metrics(query_emb, corpus_emb, {q: i for i, q in enumerate(query_ids)},
-                                    {d: i for i, d in enumerate(doc_ids)}, dataset))
-    return metrics
+def score_embeddings(query_emb: torch.Tensor, corpus_emb, query_ids: list[str], doc_ids: list[str],
+                     dataset: RetrievalSet, top_k: int = 100, similarity: str = "cosine", *, dim: int | None = None,
+                     options: ShardOptions | None = None) -> dict[str, float]:
+    """Metrics of ranking the corpus by ``similarity`` (embeddings cut to ``dim`` first, when given). Shapes:
+    query_emb (Q, D); corpus_emb (N, D) or ``InMemoryEmbeddings``; rows as the ids."""
+    options = options or ShardOptions(folder=None)
+    if isinstance(corpus_emb, torch.Tensor):
+        corpus_emb = InMemoryEmbeddings(corpus_emb, options.shard_size)
+    group_rows = in_group_rows(dataset, {doc: row for row, doc in enumerate(doc_ids)})
+    transform = similarity_transform(similarity, dim)
+    size = options.query_block_size
+    blocks = (search_block(query_emb[start:start + size], corpus_emb, top_k, options, transform=transform, start=start,
+                           score_rows=[group_rows.get(qid, []) for qid in query_ids[start:start + size]])
+              for start in range(0, len(query_ids), size))
+    return metrics_from_blocks(dataset, query_ids, doc_ids, blocks)
 
 
 class RetrievalEvaluator:
     """Retrieval metrics of the model being trained on a fixed :class:`RetrievalSet` (sentence-transformers' ``evaluator=``).
 
-    Texts are tokenized as in training (``query``/``document`` sides, ``finetune.text``), encoded
-    sharded over the processes, and ranked by the model's similarity (cosine).
+    Texts are tokenized as in training (``query``/``document`` sides, ``finetune.text``), encoded in the batches
+    of ``evaluate_retrieval`` (shared over the processes), and ranked by the model's similarity (cosine).
     """
 
     def __init__(self, dataset: RetrievalSet, *, query: TextSide, document: TextSide, batch_size: int = 32,
@@ -200,13 +236,14 @@ class RetrievalEvaluator:
         device = device or next(model.parameters()).device
 
         def encoder(side: TextSide) -> Callable[[list[str]], torch.Tensor]:
-            def encode(texts: list[str]) -> torch.Tensor:
+            def encode(texts: list[str]) -> torch.Tensor:  # one batch
                 with autocast():
-                    return model.encode(texts, side, batch_size=self.batch_size)
-            return lambda texts: encode_sharded(encode, texts, device)
+                    return model.encode(texts, side, batch_size=len(texts))
+            return encode
 
         return evaluate_retrieval(encoder(self.query), encoder(self.document), self.dataset, self.top_k,
-                                  similarity=model.similarity, truncate_dims=self.truncate_dims)
+                                  similarity=model.similarity, truncate_dims=self.truncate_dims,
+                                  options=ShardOptions(folder=None, batch_size=self.batch_size), device=device)
 
 
 class MultiRetrievalEvaluator:
@@ -276,16 +313,92 @@ def in_group_metrics_from_rows(dataset: RetrievalSet, row_scores: dict[str, np.n
     return in_group_summary(reciprocal_ranks)
 
 
-def evaluate_model(model_name_or_path: str, dataset: RetrievalSet, *, batch_size: int, max_seq_length: int | None,
-                   truncate_dim: int | None = None, shard_dir: str | None = None, shard_size: int = 50_000,
-                   query_block_size: int = 1024, keep_shards: bool = False) -> dict:
-    """Retrieval metrics of any SentenceTransformer-loadable model, with its saved ``query``/``document`` prompts
-    and its declared similarity; adds ``seconds``. ``truncate_dim``: evaluate the embeddings cut to that size.
+@dataclass
+class Embedder:
+    """A model ready for retrieval: ``encode(texts, side)`` -> (n, D) fp32 on CPU, for side "query" or "document"."""
 
-    The corpus is encoded into fp16 shards of ``shard_size`` documents in ``shard_dir`` (default: a temporary
-    folder) and the queries searched over them in blocks (``finetune.sharded_search``); the folder is removed
-    afterwards unless ``keep_shards``. Under ``accelerate launch`` every process calls this with the same
-    ``shard_dir`` and shares the work; the metrics come back on the main process, ``{}`` on the others.
+    encode: Callable[[list[str], str], torch.Tensor]
+    similarity: str  # the similarity the model declares: cosine or dot
+    batch_size: int  # texts per forward pass
+    identity: list  # JSON: changes when the model or how it encodes changes (for resuming shards)
+
+
+def _training_run(model_name_or_path: str) -> dict:
+    """The ``training_run.json`` a training of ours left in the model folder, or {}."""
+    path = os.path.join(model_name_or_path, "training_run.json")
+    try:
+        with open(path, encoding="utf-8") as handle:
+            return json.load(handle)
+    except (OSError, ValueError):
+        return {}
+
+
+def load_embedder(model_name_or_path: str, *, device: torch.device, max_seq_length: int | None = None,
+                  batch_size: int | None = None) -> Embedder:
+    """The one loader of the retrieval tools: ``EmbeddingModel`` (padding-free, the training code) for every model it
+    represents (a HF encoder or decoder with Transformer + Pooling (+ Normalize) modules: ours and most Hub models),
+    ``SentenceTransformer`` itself for the rest (other modules, an adapter-only folder).
+
+    Texts get the model's saved ``query``/``document`` prompts; lengths: ``max_seq_length`` when given, else the
+    query and passage lengths the model was trained with (its ``training_run.json``), else its max_seq_length.
+    ``batch_size``: default the training's evaluation batch size (so the metrics equal the training's final
+    evaluation to float precision), else 64.
+    """
+    from finetune.modeling import EmbeddingModel, ModelLoadError
+    from finetune.st_layout import read_sentence_transformer_config
+
+    run = _training_run(model_name_or_path)
+    if batch_size is None and run:
+        from finetune.arguments import EmbeddingTrainingArguments
+
+        batch_size = run.get("per_device_eval_batch_size") or run.get("non_default_options", {}).get(
+            "per_device_eval_batch_size") or EmbeddingTrainingArguments.__dataclass_fields__[
+            "per_device_eval_batch_size"].default
+    batch_size = batch_size or 64
+    st = read_sentence_transformer_config(model_name_or_path)
+    if not st.unsupported_modules:
+        try:
+            model = EmbeddingModel.from_pretrained(model_name_or_path, padding_free=True).to(device)
+        except ModelLoadError as error:
+            logger.info("Loading %s with sentence-transformers (%s).", model_name_or_path, error)
+        else:
+            limit = min(model.tokenizer.model_max_length, getattr(model.config, "max_position_embeddings", 512) or 512)
+            lengths = {"query": max_seq_length or run.get("query_max_length") or st.max_seq_length or limit,
+                       "document": max_seq_length or run.get("passage_max_length") or st.max_seq_length or limit}
+            sides = {name: TextSide(st.prompts.get(name, ""), lengths[name]) for name in lengths}
+            logger.info("%s: query %s, document %s, batches of %d.", model_name_or_path, sides["query"],
+                        sides["document"], batch_size)
+            return Embedder(lambda texts, side: model.encode(texts, sides[side], batch_size=len(texts)),
+                            model.similarity if st.similarity is None else ranking_similarity(st.similarity),
+                            batch_size, [path_identity(model_name_or_path), "ours",
+                                         {name: [side.prompt, side.max_length] for name, side in sides.items()}])
+    model = load_sentence_transformer(model_name_or_path, device=str(device))
+    if max_seq_length:
+        model.max_seq_length = max_seq_length
+
+    def encode(texts: list[str], side: str) -> torch.Tensor:
+        emb = model.encode(texts, prompt_name=side if side in model.prompts else None, batch_size=len(texts),
+                           convert_to_tensor=True, show_progress_bar=False)
+        return emb.float().cpu()
+    similarity = ranking_similarity(getattr(model.similarity_fn_name, "value", model.similarity_fn_name) or "cosine")
+    return Embedder(encode, similarity, batch_size,
+                    [path_identity(model_name_or_path), "sentence-transformers", model.max_seq_length])
+
+
+def evaluate_model(model_name_or_path: str, dataset: RetrievalSet, *, batch_size: int | None = None,
+                   max_seq_length: int | None = None, truncate_dim: int | None = None, shard_dir: str | None = None,
+                   shard_size: int = 50_000, query_block_size: int = 1024, keep_shards: bool = False,
+                   shard_dtype: str = "float32") -> dict:
+    """Retrieval metrics of any SentenceTransformer-loadable model (``load_embedder``), with its saved
+    ``query``/``document`` prompts and its declared similarity; adds ``seconds``. ``truncate_dim``: evaluate the
+    embeddings cut to that size.
+
+    The corpus is encoded into ``shard_dtype`` shards of ``shard_size`` documents in ``shard_dir`` (default: a
+    temporary folder) and the queries searched over them in blocks (``finetune.sharded_search``); the folder is
+    removed afterwards unless ``keep_shards``. The batches, chunks and arithmetic are ``evaluate_retrieval``'s: with
+    fp32 shards the metrics equal the in-memory evaluation during training. Under ``accelerate launch`` every
+    process calls this with the same ``shard_dir`` and shares the work; the metrics come back on the main process,
+    ``{}`` on the others.
     """
     state = process_state()
     if shard_dir is None:
@@ -296,44 +409,24 @@ def evaluate_model(model_name_or_path: str, dataset: RetrievalSet, *, batch_size
         with tempfile.TemporaryDirectory(prefix="finetune-evaluate-") as folder:
             return evaluate_model(model_name_or_path, dataset, batch_size=batch_size, max_seq_length=max_seq_length,
                                   truncate_dim=truncate_dim, shard_dir=folder, shard_size=shard_size,
-                                  query_block_size=query_block_size)
+                                  query_block_size=query_block_size, shard_dtype=shard_dtype)
     start = time.perf_counter()
-    model = load_sentence_transformer(model_name_or_path, truncate_dim, device=str(state.device))
-    if max_seq_length:
-        model.max_seq_length = max_seq_length
-    similarity = ranking_similarity(getattr(model.similarity_fn_name, "value", model.similarity_fn_name) or "cosine")
-
-    def encoder(prompt_name: str) -> Callable[[list[str]], torch.Tensor]:
-        prompt = prompt_name if prompt_name in model.prompts else None
-
-        def encode(texts: list[str]) -> torch.Tensor:  # one batch: (b, D) in the similarity space
-            emb = model.encode(texts, prompt_name=prompt, batch_size=len(texts), convert_to_tensor=True,
-                               show_progress_bar=False)
-            return in_similarity_space(emb.float().cpu(), similarity)
-        return encode
-
+    embedder = load_embedder(model_name_or_path, device=state.device, max_seq_length=max_seq_length,
+                             batch_size=batch_size)
     options = ShardOptions(folder=shard_dir, shard_size=shard_size, query_block_size=query_block_size,
-                           batch_size=batch_size)
-    identity = [path_identity(model_name_or_path), model.max_seq_length, truncate_dim, similarity]
+                           batch_size=embedder.batch_size, dtype=shard_dtype)
+    identity = embedder.identity + [truncate_dim, embedder.similarity]
     query_ids, doc_ids = list(dataset.queries), list(dataset.corpus)
     group_rows = in_group_rows(dataset, {doc: row for row, doc in enumerate(doc_ids)})
-    shards = encode_corpus(encoder("document"), [dataset.corpus[d] for d in doc_ids], options, identity + ["document"],
-                           state)
-    blocks = search_queries(encoder("query"), [dataset.queries[q] for q in query_ids], shards, 100, options,
-                            identity + ["query"], score_rows=[group_rows.get(qid, []) for qid in query_ids],
-                            device=state.device)
+    shards = encode_corpus(lambda texts: embedder.encode(texts, "document"), [dataset.corpus[d] for d in doc_ids],
+                           options, identity + ["document"], state)
+    blocks = search_queries(lambda texts: embedder.encode(texts, "query"), [dataset.queries[q] for q in query_ids],
+                            shards, 100, options, identity + ["query"],
+                            score_rows=[group_rows.get(qid, []) for qid in query_ids], device=state.device,
+                            transform=similarity_transform(embedder.similarity, truncate_dim))
     if not state.is_main_process:
         return {}
-    run: Run = {}
-    row_scores: dict[str, np.ndarray] = {}
-    for block in read_blocks(blocks, options.query_block_size):
-        for offset, (scores, indices) in enumerate(zip(block.scores.tolist(), block.indices.tolist())):
-            qid = query_ids[block.start + offset]
-            run[qid] = {doc_ids[i]: s for i, s in zip(indices, scores)}
-            if qid in group_rows:
-                row_scores[qid] = block.row_scores[offset]
-    metrics = compute_metrics(run, dataset.qrels)
-    metrics.update(in_group_metrics_from_rows(dataset, row_scores))
+    metrics = metrics_from_blocks(dataset, query_ids, doc_ids, read_blocks(blocks, options.query_block_size))
     metrics["seconds"] = time.perf_counter() - start
     if not keep_shards:
         remove_parts(options)

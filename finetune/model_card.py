@@ -116,6 +116,7 @@ def save_training_run(output_dir: str, model_args, data_args, training_args, *, 
         "temperature": training_args.temperature,
         "hard_negatives_mode": training_args.hard_negatives_mode,
         "per_device_train_batch_size": training_args.per_device_train_batch_size,
+        "per_device_eval_batch_size": training_args.per_device_eval_batch_size,  # finetune.evaluate's default
         "gradient_accumulation_steps": training_args.gradient_accumulation_steps,
         "world_size": world_size,
         # Documents of all processes are candidates (finetune.losses) unless switched off.

@@ -31,6 +31,8 @@ class SentenceTransformerConfig:
     """What a SentenceTransformer folder says beyond the HF weights.
 
     ``transformer_subfolder`` is where the HF encoder lives ("" for the root, as we write it).
+    ``unsupported_modules``: what ``EmbeddingModel`` cannot reproduce (other module types, a pooling mode it lacks,
+    pooling without the prompt's tokens, lower-casing), for the loaders that then use sentence-transformers itself.
     """
 
     pooling: str | None = None
@@ -38,6 +40,8 @@ class SentenceTransformerConfig:
     max_seq_length: int | None = None
     prompts: dict[str, str] = field(default_factory=dict)
     transformer_subfolder: str = ""
+    similarity: str | None = None  # similarity_fn_name, when the folder declares one
+    unsupported_modules: list[str] = field(default_factory=list)
 
 
 def _read_json(model_name_or_path: str, filename: str) -> dict | list | None:
@@ -77,12 +81,21 @@ def read_sentence_transformer_config(model_name_or_path: str) -> SentenceTransfo
             st.transformer_subfolder = module.get("path", "")
             bert_config = _read_json(model_name_or_path, os.path.join(st.transformer_subfolder, "sentence_bert_config.json")) or {}
             st.max_seq_length = bert_config.get("max_seq_length")
+            if bert_config.get("do_lower_case"):
+                st.unsupported_modules.append("Transformer(do_lower_case)")
         elif kind == "Pooling":
-            st.pooling = _pooling_mode_from_config(_read_json(model_name_or_path, f"{module['path']}/config.json") or {})
+            pooling_config = _read_json(model_name_or_path, f"{module['path']}/config.json") or {}
+            st.pooling = _pooling_mode_from_config(pooling_config)
+            if st.pooling is None or pooling_config.get("include_prompt") is False:
+                st.unsupported_modules.append(f"Pooling({st.pooling or 'other mode'}, include_prompt="
+                                              f"{pooling_config.get('include_prompt', True)})")
         elif kind == "Normalize":
             st.normalize = True
+        else:
+            st.unsupported_modules.append(kind)
     st_config = _read_json(model_name_or_path, "config_sentence_transformers.json") or {}
     st.prompts = {name: text for name, text in (st_config.get("prompts") or {}).items() if text}
+    st.similarity = st_config.get("similarity_fn_name")
     return st
 
 

@@ -1,4 +1,4 @@
-"""Run under 2 processes by tests/test_distributed_eval.py: retrieval metrics with sharded encoding.
+"""Run under 2 processes by tests/test_distributed_eval.py: retrieval metrics, the encoding batches shared.
 
     accelerate launch --multi_gpu --num_processes 2 tests/distributed_eval_script.py MODEL DATA OUT
 """
@@ -9,7 +9,7 @@ import sys
 import torch
 from accelerate import PartialState
 
-from finetune.distributed import encode_sharded, end_process_group, world
+from finetune.distributed import end_process_group, world
 from finetune.evaluation import evaluate_retrieval, load_retrieval_set
 from finetune.modeling import EmbeddingModel
 
@@ -21,9 +21,8 @@ def main(model_path: str, data_path: str, output_path: str) -> None:
     torch.set_num_threads(1)
     model = EmbeddingModel.from_pretrained(model_path)
     dataset = load_retrieval_set([data_path])
-    encode = lambda texts: encode_sharded(lambda shard: model.encode(shard, batch_size=4), texts,  # noqa: E731
-                                          torch.device("cpu"))
-    metrics = evaluate_retrieval(encode, encode, dataset)
+    encode = lambda texts: model.encode(texts, batch_size=4)  # noqa: E731
+    metrics = evaluate_retrieval(encode, encode, dataset, device=torch.device("cpu"))
     gathered = [None, None]
     torch.distributed.all_gather_object(gathered, metrics)
     if state.is_main_process:

@@ -108,3 +108,24 @@ def test_padded_and_padding_free_training_agree_and_group_by_length_trains(tiny_
     with pytest.raises(ConfigError, match="train_sampling_strategy batch_rebalance is not supported"):
         train.main(run_args(tiny_bert_without_dropout, train_file, tmp_path / "rebalance", "--max_steps", "1",
                             "--train_sampling_strategy", "batch_rebalance"))
+
+
+def test_evaluate_command_on_the_output_equals_the_final_evaluation(tiny_bert, train_file, validation_file, tmp_path):
+    """One retrieval stack: ``python -m finetune.evaluate`` on a trained folder, with its defaults, gives the metrics
+    of the training's final evaluation (same encoding batches, per-side lengths and prompts, fp32 search)."""
+    from finetune.evaluate import __main__ as evaluate
+
+    output_dir = tmp_path / "out"
+    metrics = train.main(run_args(tiny_bert, train_file, output_dir, "--max_steps", "3", "--validation_file",
+                                  validation_file, "--query_max_length", "9", "--passage_max_length", "14",
+                                  "--query_prefix", "query: ", "--per_device_eval_batch_size", "5"))
+    results = evaluate.main(["--model_name_or_path", str(output_dir), "--data", validation_file])
+    ours = results[str(output_dir)]
+    final = {name.removeprefix("eval_"): value for name, value in metrics.items()
+             if name.removeprefix("eval_") in ours}
+    assert set(final) == set(ours) - {"seconds"} and "ingroup_mrr" in final
+    for name, value in final.items():
+        assert ours[name] == pytest.approx(value, abs=1e-6), name
+    shorter = evaluate.main(["--model_name_or_path", str(output_dir), "--data", validation_file,
+                             "--max_seq_length", "4"])[str(output_dir)]
+    assert shorter["ndcg@10"] != ours["ndcg@10"]  # the per-side lengths are what made them equal

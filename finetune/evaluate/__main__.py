@@ -9,9 +9,11 @@ are loaded with sentence-transformers itself, so any Hub id or local folder work
 their saved ``query``/``document`` prompts are applied as in training, and documents are ranked by
 the similarity each model declares.
 
-The corpus embeddings go to fp16 shards on disk (--shard_dir, default OUTPUT_JSON.parts/), searched
-exactly one shard at a time; processes share the shards to encode and the query blocks to search, and
-the metrics equal one process's. A rerun after a kill redoes only what is missing.
+The corpus embeddings go to fp32 shards on disk (--shard_dir, default OUTPUT_JSON.parts/; --shard_dtype
+float16 halves them), searched exactly one shard at a time; processes share the shards to encode and the
+query blocks to search, and the metrics equal one process's. A rerun after a kill redoes only what is
+missing. The stack is the one training evaluates with (finetune.evaluation): on a model we trained, with
+its defaults, the metrics equal the training's final evaluation.
 
 This folder has no ``__init__.py`` on purpose: ``accelerate launch finetune/train.py`` puts
 ``finetune/`` first on ``sys.path``, and a module named ``evaluate`` there would shadow the
@@ -61,9 +63,14 @@ def main(argv: list[str] | None = None) -> dict:
                         help="Seed-format file(s)/glob(s), or one BEIR folder (corpus.jsonl, queries.jsonl, qrels/).")
     parser.add_argument("--split", default="test", help="BEIR qrels split, qrels/<split>.tsv (default: test).")
     parser.add_argument("--output_json", default=None, help="Also write the metrics as JSON to this file.")
-    parser.add_argument("--batch_size", type=int, default=64, help="Encoding batch size (default 64).")
+    parser.add_argument("--batch_size", type=int, default=None,
+                        help="Texts per forward pass (default: the evaluation batch size of the model's training, "
+                             "from its training_run.json, so the metrics equal the training's final evaluation; else "
+                             "64).")
     parser.add_argument("--max_seq_length", type=int, default=None,
-                        help="Truncate texts to this many tokens (default: each model's own max_seq_length).")
+                        help="Truncate queries and documents to this many tokens (default: the query and passage "
+                             "lengths the model was trained with, from its training_run.json; else its own "
+                             "max_seq_length).")
     parser.add_argument("--truncate_dim", type=int, default=None,
                         help="Evaluate the embeddings cut to their first D dimensions (Matryoshka models; cosine "
                              "re-normalises). Default: the full embedding.")
@@ -76,6 +83,9 @@ def main(argv: list[str] | None = None) -> dict:
                              "resumed (default 50000).")
     parser.add_argument("--query_block_size", type=int, default=1024,
                         help="Queries encoded and searched at a time: the unit of search work (default 1024).")
+    parser.add_argument("--shard_dtype", default="float32", choices=["float32", "float16"],
+                        help="How the corpus embeddings are stored (default float32: the metrics equal the in-memory "
+                             "evaluation during training; float16 halves the disk and may reorder near-ties).")
     parser.add_argument("--keep_shards", action="store_true",
                         help="Keep --shard_dir after success (default: removed).")
     args = parser.parse_args(argv)
@@ -89,7 +99,7 @@ def main(argv: list[str] | None = None) -> dict:
     results = {name: evaluate_model(name, dataset, batch_size=args.batch_size, max_seq_length=args.max_seq_length,
                                     truncate_dim=args.truncate_dim, shard_dir=os.path.join(shard_dir, f"model-{index}"),
                                     shard_size=args.shard_size, query_block_size=args.query_block_size,
-                                    keep_shards=args.keep_shards)
+                                    keep_shards=args.keep_shards, shard_dtype=args.shard_dtype)
                for index, name in enumerate(args.model_name_or_path)}
     if not all(results.values()):
         return {}  # not the main process: it printed and wrote nothing
