@@ -29,7 +29,8 @@ from finetune import train
 from finetune.arguments import EXAMPLE_TRAIN_FILE, EXAMPLE_VALIDATION_FILE, default_model_path
 from finetune.checkpointing import write_json_atomic
 from finetune.config import DEFAULT_RECIPE
-from finetune.evaluation import load_retrieval_set, score_embeddings
+from finetune.retrieval.sets import load_retrieval_set
+from finetune.retrieval.evaluation import score_embeddings
 
 DIMS = (384, 256, 128, 64)
 ALL_DIRECTIONS = "query_to_doc,doc_to_query,query_to_query,doc_to_doc"

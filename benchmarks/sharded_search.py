@@ -1,4 +1,4 @@
-"""Benchmark: memory and time of the sharded corpus (``finetune.sharded_search``), and encoding over 1 vs 2 processes.
+"""Benchmark: memory and time of the sharded corpus (``finetune.retrieval.search``), and encoding over 1 vs 2 processes.
 
     python benchmarks/sharded_search.py                                  # both parts, the sizes below
     python benchmarks/sharded_search.py --search_only --sizes 100000 400000 1600000
@@ -68,8 +68,8 @@ def child_write(args) -> dict:
     import numpy as np
 
     from finetune.checkpointing import atomic_write
-    from finetune.embedding_shards import EmbeddingShards
-    from finetune.work_blocks import PartsFolder, process_state
+    from finetune.retrieval.embeddings import EmbeddingShards
+    from finetune.retrieval.work_parts import PartsFolder, process_state
 
     parts = PartsFolder(args.folder, "benchmark", process_state(), name="shard", ext=".npy")
     rng = np.random.default_rng(0)
@@ -83,9 +83,9 @@ def child_write(args) -> dict:
 def child_search(args) -> dict:
     import torch
 
-    from finetune.embedding_shards import EmbeddingShards
-    from finetune.search import topk_over_chunks
-    from finetune.work_blocks import PartsFolder, process_state
+    from finetune.retrieval.embeddings import EmbeddingShards
+    from finetune.retrieval.topk import topk_over_chunks
+    from finetune.retrieval.work_parts import PartsFolder, process_state
 
     torch.set_num_threads(os.cpu_count())
     shards = EmbeddingShards(PartsFolder(args.folder, "benchmark", process_state(), name="shard", ext=".npy"),

@@ -318,8 +318,8 @@ def launch_round(args, variant: str, round_index: int) -> dict:
 
 def evaluate_quality(model_path: str, max_length: int) -> dict:
     from finetune.arguments import EXAMPLE_VALIDATION_FILE
-    from finetune.evaluation import evaluate_model
-    from finetune.evaluation import load_retrieval_set
+    from finetune.retrieval.evaluation import evaluate_model
+    from finetune.retrieval.sets import load_retrieval_set
 
     dataset = load_retrieval_set([EXAMPLE_VALIDATION_FILE])
     return evaluate_model(model_path, dataset, batch_size=64, max_seq_length=max_length)

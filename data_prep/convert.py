@@ -74,7 +74,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def read_beir(folder: str, split: str, judged_negatives: bool) -> Iterator[dict]:
     """One record per query with at least one relevant document (relevance > 0), in qrels order."""
-    from finetune.evaluation import load_beir_folder
+    from finetune.retrieval.sets import load_beir_folder
 
     if not os.path.isdir(folder):
         raise NotADirectoryError(f"--format beir expects a folder with corpus.jsonl, queries.jsonl and qrels/, got {folder!r}.")

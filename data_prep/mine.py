@@ -14,7 +14,7 @@ are dropped.
 The corpus embeddings go to disk, fp16 shards of --shard_size documents in --shard_dir (default
 OUTPUT.parts/), memory-mapped one at a time by the search: memory for embeddings and scores does not
 grow with the corpus nor with corpus x queries (the texts themselves are held in memory). Processes
-share the shards to encode and the question blocks to search (finetune.sharded_search); the output
+share the shards to encode and the question blocks to search (finetune.retrieval.search); the output
 equals one process's byte for byte. A rerun after a kill redoes only the missing shards and blocks;
 the folder is removed after success (--keep_shards keeps it).
 
@@ -39,12 +39,12 @@ from tqdm.auto import tqdm
 from data_prep.mining import FILTER_REASONS, REASONS, SAMPLING, MiningSettings, select_for_queries
 from data_prep.records import (json_line, normalized_key, optional_float, run_cli,
                                setup_logging, unique)
-from finetune.evaluation import read_corpus_file
+from finetune.retrieval.sets import read_corpus_file
 from finetune.checkpointing import atomic_write
 from finetune.schema import NEG_DOC, POS_DOC, QUESTION, SCORED_LISTS, normalize_record, read_records
-from finetune.sharded_search import ShardOptions, encode_corpus, read_blocks, remove_parts, search_queries
+from finetune.retrieval.search import ShardOptions, encode_corpus, read_blocks, remove_parts, search_queries
 from finetune.text import TextSide
-from finetune.work_blocks import path_identity, process_state
+from finetune.retrieval.work_parts import path_identity, process_state
 
 logger = logging.getLogger("data_prep.mine")
 

@@ -13,7 +13,7 @@ positive score is the lowest among the question's positives (the strictest thres
 
 Memory of ``mine_negatives``: the corpus embeddings plus one (query_chunk, corpus_chunk) block of scores;
 mine queries block by block (``query_offset``) to bound the rest. ``data_prep.mine`` keeps the corpus on
-disk instead (``finetune.sharded_search``) and selects with ``select_for_queries``.
+disk instead (``finetune.retrieval.search``) and selects with ``select_for_queries``.
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ import numpy as np
 import torch
 
 from data_prep.records import normalized_key
-from finetune.search import chunked_topk
+from finetune.retrieval.topk import chunked_topk
 
 # Why a candidate was not kept: it is a positive; a false-negative filter; already a negative of the record;
 # the same text (up to case and spacing) as a better-ranked candidate that passed.

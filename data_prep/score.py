@@ -10,7 +10,7 @@ document) pair; the score is its raw logit (no sigmoid), the scale rerankers are
 (``finetune.modeling.EmbeddingModel``, prompts and lengths as given), e.g. a fine-tuned model of ours.
 
 Records are scored in blocks of ``--block_size``; every finished block is written atomically into
-``OUTPUT.parts/`` (``finetune.work_blocks``). A rerun after a kill scores only the missing blocks (when the
+``OUTPUT.parts/`` (``finetune.retrieval.work_parts``). A rerun after a kill scores only the missing blocks (when the
 settings are the same), and the output file is assembled atomically at the end, in input order, and the parts
 removed. Under ``accelerate launch`` the processes share the missing blocks; the output equals one process's
 (several machines need a file system they all see at OUTPUT.parts/).
@@ -31,7 +31,7 @@ from finetune.checkpointing import atomic_write
 from finetune.schema import NEG_DOC, NEG_SCORES, POS_DOC, POS_SCORES, QUESTION, expand_data_files, normalize_record, \
     read_records
 from finetune.text import TextSide
-from finetune.work_blocks import PartsFolder, fingerprint, path_identity, process_state
+from finetune.retrieval.work_parts import PartsFolder, fingerprint, path_identity, process_state
 
 logger = logging.getLogger("data_prep.score")
 

@@ -3,7 +3,7 @@
 It encodes queries and documents, gathers the batch (``finetune.objectives.gather_batch``) and
 calls the objective; the rest is delegated: the GradCache step to ``finetune.gradcache``, saving
 and checkpoint markers to ``finetune.checkpointing``, retrieval metrics to the evaluator it is
-handed (``finetune.evaluation.RetrievalEvaluator``), the sampler to ``finetune.data``, the
+handed (``finetune.retrieval.evaluation.RetrievalEvaluator``), the sampler to ``finetune.data``, the
 non-finite checks and component logs to ``finetune.monitoring``.
 """
 

@@ -13,8 +13,8 @@ from dataclasses import dataclass
 from finetune.blend import BlendedTripletDataset, DatasetSpec, blend_weights
 from finetune.config import ConfigError
 from finetune.data import TripletDataset, check_enough_negatives, check_teacher_scores, load_raw_dataset, tokenize_dataset
-from finetune.evaluation import (MultiRetrievalEvaluator, RetrievalEvaluator, load_retrieval_set,
-                                 retrieval_set_from_records, with_extra_corpus)
+from finetune.retrieval.evaluation import MultiRetrievalEvaluator, RetrievalEvaluator
+from finetune.retrieval.sets import load_retrieval_set, retrieval_set_from_records, with_extra_corpus
 from finetune.objectives import DatasetDispatch, build_objective
 
 

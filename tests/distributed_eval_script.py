@@ -10,7 +10,8 @@ import torch
 from accelerate import PartialState
 
 from finetune.distributed import end_process_group, world
-from finetune.evaluation import evaluate_retrieval, load_retrieval_set
+from finetune.retrieval.evaluation import evaluate_retrieval
+from finetune.retrieval.sets import load_retrieval_set
 from finetune.modeling import EmbeddingModel
 
 

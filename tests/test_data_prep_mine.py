@@ -12,7 +12,7 @@ from data_prep import mine
 from data_prep.mining import MiningSettings, mine_negatives
 from data_prep.records import normalize_text
 from finetune.schema import read_records
-from finetune.search import chunked_topk
+from finetune.retrieval.topk import chunked_topk
 
 
 def random_unit(rows: int, dim: int, seed: int, dtype=torch.float32) -> torch.Tensor:
@@ -327,7 +327,7 @@ def test_a_rerun_after_a_kill_encodes_only_the_missing_shards(tmp_path, tiny_ber
     argv = [*common, "--output", str(tmp_path / "killed.jsonl")]
     corpus = tmp_path / "killed.jsonl.parts" / "corpus"
     # Each shard takes 0.5 s more, so that the kill lands between the second and the third shard.
-    slow = ("import sys, time; import finetune.embedding_shards as s; encode = s.encode_in_batches; "
+    slow = ("import sys, time; import finetune.retrieval.embeddings as s; encode = s.encode_in_batches; "
             "s.encode_in_batches = lambda *a, **k: (time.sleep(0.5), encode(*a, **k))[1]; "
             "from data_prep import mine, records; sys.argv[0] = 'mine'; records.run_cli(mine.main)")
     returncode = kill_when([sys.executable, "-c", slow, *argv], corpus / "shard-0000001.npy",
@@ -338,7 +338,7 @@ def test_a_rerun_after_a_kill_encodes_only_the_missing_shards(tmp_path, tiny_ber
     assert not (tmp_path / "killed.jsonl").exists()
     written = {path.name: path.stat().st_mtime_ns for path in finished}
 
-    caplog.set_level(logging.INFO, logger="finetune.embedding_shards")
+    caplog.set_level(logging.INFO, logger="finetune.retrieval.embeddings")
     mine.main(argv)
     assert "80 texts in 5 shards of 16, 2 already encoded; encoding 3 shards here" in caplog.text
     assert {name: (corpus / name).stat().st_mtime_ns for name in written} == written  # not encoded again

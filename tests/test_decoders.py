@@ -124,7 +124,7 @@ def test_attention_option_is_checked(tiny_bert, tiny_qwen3):
 def test_evaluate_gives_a_raw_decoder_what_training_gives_it(tiny_decoder):
     """finetune.evaluate on a decoder folder without SentenceTransformer files: EOS, left padding, last-token
     pooling (sentence-transformers alone would mean-pool it), so its vectors are the ones training sees."""
-    from finetune.evaluation import load_sentence_transformer
+    from finetune.retrieval.embedder import load_sentence_transformer
 
     ours = EmbeddingModel.from_pretrained(tiny_decoder).encode(DOCUMENTS)
     theirs = load_sentence_transformer(tiny_decoder).encode(DOCUMENTS, convert_to_tensor=True)

@@ -9,7 +9,8 @@ from pathlib import Path
 import pytest
 
 from conftest import make_records, write_jsonl
-from finetune.evaluation import evaluate_retrieval, load_retrieval_set
+from finetune.retrieval.evaluation import evaluate_retrieval
+from finetune.retrieval.sets import load_retrieval_set
 from finetune.modeling import EmbeddingModel
 
 HERE = Path(__file__).resolve().parent

@@ -8,7 +8,8 @@ import pytest
 import torch
 from ir_measures import AP, R, RR, nDCG
 
-from finetune.evaluation import compute_metrics, retrieval_set_from_records, search
+from finetune.retrieval.evaluation import compute_metrics, search
+from finetune.retrieval.sets import retrieval_set_from_records
 
 REFERENCE = {"ndcg@10": nDCG @ 10, "mrr@10": RR @ 10, "recall@1": R @ 1, "recall@10": R @ 10,
              "recall@100": R @ 100, "map@100": AP @ 100}
@@ -133,7 +134,7 @@ def test_standalone_command_on_seed_file_and_beir_folder(tiny_bert, tmp_path, ca
 
 
 def test_evaluate_module_loaded_from_its_folder_gives_the_same_numbers():
-    from finetune.evaluation import rank
+    from finetune.retrieval.evaluation import rank
     from finetune.metrics import load_retrieval_metric
 
     rng = random.Random(3)
@@ -148,7 +149,8 @@ def test_evaluate_module_loaded_from_its_folder_gives_the_same_numbers():
 
 
 def test_in_group_metrics_by_hand():
-    from finetune.evaluation import RetrievalSet, in_group_metrics
+    from finetune.retrieval.sets import RetrievalSet
+    from finetune.retrieval.evaluation import in_group_metrics
 
     dataset = RetrievalSet(queries={"q0": "a", "q1": "b"}, corpus={"p0": "", "p1": "", "n0": "", "n1": ""},
                            qrels={"q0": {"p0": 1}, "q1": {"p1": 1}}, groups=[("q0", ["n0", "n1"]), ("q1", ["n0", "n1"])])
@@ -174,7 +176,8 @@ def direct_in_group_metrics(query_emb, corpus_emb, query_index, doc_index, datas
 
 def test_in_group_metrics_from_scored_rows_equal_the_in_memory_ones():
     """The stack scores each grouped query's rows while searching; the same metrics as a direct in-memory count."""
-    from finetune.evaluation import RetrievalSet, in_group_metrics_from_rows, in_group_rows
+    from finetune.retrieval.sets import RetrievalSet
+    from finetune.retrieval.evaluation import in_group_metrics_from_rows, in_group_rows
 
     corpus = {f"d{i}": "" for i in range(12)}
     dataset = RetrievalSet(queries={"q0": "", "q1": "", "q2": ""}, corpus=corpus,
@@ -234,7 +237,7 @@ def test_matryoshka_metrics_rank_prefixes_by_the_model_similarity(similarity):
     """Metrics at a truncated size (``ndcg@10_dim4``...) are those of the embeddings' prefixes ranked by the model's
     similarity: re-normalised prefixes for cosine, the raw prefixes for dot."""
     from conftest import make_records
-    from finetune.evaluation import RetrievalEvaluator
+    from finetune.retrieval.evaluation import RetrievalEvaluator
     from finetune.text import TextSide
 
     dataset = retrieval_set_from_records(make_records(30, num_negatives=3, seed=21))

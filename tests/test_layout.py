@@ -7,6 +7,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 PACKAGE = ROOT / "finetune"
+SUBPACKAGES = ("retrieval",)  # grouped by role; their modules are rows of the layout as package/module.py
 
 
 def test_no_module_of_finetune_shadows_a_top_level_module():
@@ -36,31 +37,36 @@ def layout_rows() -> list[list[str]]:
     block = block[:block.index("\nfinetune/metrics/")]
     import re
 
-    return [re.findall(r"([a-z_]+)\.py", line.split("  ", 2)[1]) for line in block.splitlines()[1:]
+    return [re.findall(r"([a-z_/]+)\.py", line.split("  ", 2)[1]) for line in block.splitlines()[1:]
             if line.startswith("  ") and not line.startswith("   ")]
 
 
 def finetune_imports(path: Path) -> set[str]:
-    """The finetune modules ``path`` imports, at the top or inside functions."""
+    """The finetune modules ``path`` imports, at the top or inside functions; a subpackage's as ``package/module``."""
     import ast
+
+    def name(dotted: str) -> str:  # finetune.retrieval.search -> retrieval/search; finetune.data -> data
+        parts = dotted.split(".")[1:]
+        return "/".join(parts[:2]) if (PACKAGE / parts[0]).is_dir() and len(parts) > 1 else parts[0]
 
     found = set()
     for node in ast.walk(ast.parse(path.read_text())):
         if isinstance(node, ast.ImportFrom) and node.module and node.module.split(".")[0] == "finetune":
-            parts = node.module.split(".")
-            found.update([parts[1]] if len(parts) > 1 else [alias.name for alias in node.names])
+            found.update([name(node.module)] if "." in node.module else [alias.name for alias in node.names])
         elif isinstance(node, ast.Import):
-            found.update(alias.name.split(".")[1] for alias in node.names
-                         if alias.name.startswith("finetune.") and alias.name.count(".") >= 1)
+            found.update(name(alias.name) for alias in node.names if alias.name.startswith("finetune."))
     return found
 
 
 def test_the_readme_layout_lists_every_module_and_imports_flow_up_its_rows():
-    """What the README's layout says is true: every finetune/ module has a row, and each imports only modules of
-    rows above its own (the metrics folder aside: a leaf)."""
+    """What the README's layout says is true: every finetune/ module (subpackages' included) has a row, and each
+    imports only modules of rows above its own (the metrics folder aside: a leaf)."""
     rows = layout_rows()
     row_of = {name: index for index, names in enumerate(rows) for name in names}
-    modules = {path.stem: path for path in PACKAGE.glob("*.py") if path.stem != "__init__"}
+    modules = {path.relative_to(PACKAGE).with_suffix("").as_posix(): path for path in PACKAGE.glob("*.py")
+               if path.stem != "__init__"}
+    modules.update({path.relative_to(PACKAGE).with_suffix("").as_posix(): path for package in SUBPACKAGES
+                    for path in (PACKAGE / package).glob("*.py") if path.stem != "__init__"})
     assert set(modules) == set(row_of), f"missing: {sorted(set(modules) - set(row_of))}, " \
                                         f"not modules: {sorted(set(row_of) - set(modules))}"
     upward = [(name, dependency) for name, path in modules.items() for dependency in finetune_imports(path)

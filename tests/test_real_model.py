@@ -6,8 +6,8 @@ import torch
 from finetune import train
 from finetune.arguments import EXAMPLE_VALIDATION_FILE, default_model_path
 from finetune.config import DEFAULT_RECIPE
-from finetune.evaluation import evaluate_model
-from finetune.evaluation import load_retrieval_set
+from finetune.retrieval.evaluation import evaluate_model
+from finetune.retrieval.sets import load_retrieval_set
 
 pytestmark = pytest.mark.slow
 

@@ -1,4 +1,4 @@
-"""Sharded encoding and search (finetune.embedding_shards, finetune.sharded_search, finetune.search): exact tie order
+"""Sharded encoding and search (finetune.retrieval.embeddings, finetune.retrieval.search, finetune.retrieval.topk): exact tie order
 whatever the chunking, shards and search results that do not depend on the number of processes (simulated here with
 threads and a barrier; tests/test_data_prep_mine.py and tests/test_distributed_eval.py launch real processes)."""
 
@@ -8,10 +8,10 @@ import numpy as np
 import pytest
 import torch
 
-from finetune.embedding_shards import encode_shards
-from finetune.search import chunked_topk
-from finetune.sharded_search import ShardOptions, encode_corpus, read_blocks, search_queries
-from finetune.work_blocks import PartsFolder
+from finetune.retrieval.embeddings import encode_shards
+from finetune.retrieval.topk import chunked_topk
+from finetune.retrieval.search import ShardOptions, encode_corpus, read_blocks, search_queries
+from finetune.retrieval.work_parts import PartsFolder
 
 
 class ThreadState:

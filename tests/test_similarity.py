@@ -4,8 +4,8 @@ import pytest
 import torch
 
 from conftest import make_records
-from finetune.evaluation import RetrievalEvaluator, RetrievalSet, evaluate_model, evaluate_retrieval, \
-    retrieval_set_from_records
+from finetune.retrieval.evaluation import RetrievalEvaluator, evaluate_model, evaluate_retrieval
+from finetune.retrieval.sets import RetrievalSet, retrieval_set_from_records
 from finetune.modeling import EmbeddingModel
 from finetune.text import TextSide
 

@@ -12,7 +12,7 @@ the similarity each model declares.
 The corpus embeddings go to fp32 shards on disk (--shard_dir, default OUTPUT_JSON.parts/; --shard_dtype
 float16 halves them), searched exactly one shard at a time; processes share the shards to encode and the
 query blocks to search, and the metrics equal one process's. A rerun after a kill redoes only what is
-missing. The stack is the one training evaluates with (finetune.evaluation): on a model we trained, with
+missing. The stack is the one training evaluates with (finetune.retrieval): on a model we trained, with
 its defaults, the metrics equal the training's final evaluation.
 
 This folder has no ``__init__.py`` on purpose: ``accelerate launch finetune/train.py`` puts
@@ -32,8 +32,9 @@ import tempfile
 
 from finetune.checkpointing import write_json_atomic
 from finetune.distributed import end_process_group
-from finetune.evaluation import METRIC_NAMES, evaluate_model, load_retrieval_set
-from finetune.work_blocks import fingerprint
+from finetune.retrieval.evaluation import METRIC_NAMES, evaluate_model
+from finetune.retrieval.sets import load_retrieval_set
+from finetune.retrieval.work_parts import fingerprint
 
 logger = logging.getLogger("finetune.evaluate")
 

@@ -5,9 +5,9 @@
     blocks = search_queries(encode_queries, query_texts, shards, k, options, identity)  # 2. top-k per query block
     for block in read_blocks(blocks, options.query_block_size): ...                     # 3. one process reads them
 
-1. The corpus is encoded into fixed-size fp16 shards (``finetune.embedding_shards``).
+1. The corpus is encoded into fixed-size fp16 shards (``finetune.retrieval.embeddings``).
 2. Queries are cut into blocks of ``query_block_size``; each block's process encodes it (fp32),
-   searches it over every shard (``finetune.search``: shards read one at a time, memory-mapped) and
+   searches it over every shard (``finetune.retrieval.topk``: shards read one at a time, memory-mapped) and
    writes its top-k, plus the scores of any corpus rows asked for per query (``score_rows``: a
    query's positives, say), into one part file.
 3. Any process reads the parts in query order.
@@ -30,11 +30,11 @@ import torch
 from tqdm.auto import tqdm
 
 from finetune.checkpointing import atomic_write
-from finetune.embedding_shards import DTYPES, EmbeddingShards, Encode, encode_in_batches, encode_shards
-from finetune.search import topk_over_chunks
-from finetune.work_blocks import PartsFolder, fingerprint, texts_digest
+from finetune.retrieval.embeddings import DTYPES, EmbeddingShards, Encode, encode_in_batches, encode_shards
+from finetune.retrieval.topk import topk_over_chunks
+from finetune.retrieval.work_parts import PartsFolder, fingerprint, texts_digest
 
-logger = logging.getLogger("finetune.sharded_search")
+logger = logging.getLogger("finetune.retrieval.search")
 
 QUERY_CHUNK = 1024  # queries scored against a corpus chunk at once
 
@@ -49,7 +49,7 @@ class ShardOptions:
     batch_size: int = 64  # texts per forward pass
     corpus_chunk: int = 16384  # corpus rows scored at a time
     use_faiss: bool = False  # faiss exact index per chunk (GPU when faiss has it) instead of torch matmuls
-    dtype: str = "float16"  # how corpus embeddings are stored (a name of embedding_shards.DTYPES)
+    dtype: str = "float16"  # how corpus embeddings are stored (a name of embeddings.DTYPES)
 
     def __post_init__(self):
         for name in ("shard_size", "query_block_size", "batch_size", "corpus_chunk"):

@@ -5,7 +5,7 @@ Shard i holds rows [i x shard_size, (i + 1) x shard_size) of the corpus as an (n
 Its bytes depend only on its texts, the encoder and ``batch_size``, never on which or how many
 processes encode: inside a shard the texts are encoded longest first (a stable sort, so little
 padding) in batches of ``batch_size`` (:func:`encode_in_batches`). A shard is written atomically, so
-a rerun after a kill encodes only the missing ones (``finetune.work_blocks``).
+a rerun after a kill encodes only the missing ones (``finetune.retrieval.work_parts``).
 """
 
 from __future__ import annotations
@@ -21,9 +21,9 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from finetune.checkpointing import atomic_write
-from finetune.work_blocks import PartsFolder
+from finetune.retrieval.work_parts import PartsFolder
 
-logger = logging.getLogger("finetune.embedding_shards")
+logger = logging.getLogger("finetune.retrieval.embeddings")
 
 Encode = Callable[[list[str]], torch.Tensor]  # texts (one batch) -> (n, D) embeddings
 DTYPES = {"float32": torch.float32, "float16": torch.float16}  # how stored embeddings are kept

@@ -22,7 +22,7 @@ from collections.abc import Iterable
 
 from finetune.checkpointing import write_json_atomic
 
-logger = logging.getLogger("finetune.work_blocks")
+logger = logging.getLogger("finetune.retrieval.work_parts")
 
 SETTINGS_FILE = "settings.json"
 

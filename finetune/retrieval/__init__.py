@@ -1,0 +1,12 @@
+"""Retrieval: one stack from texts to metrics, used by evaluation during training, ``python -m finetune.evaluate``,
+``data_prep.mine`` and ``data_prep.score``.
+
+    sets.py        queries, corpus, qrels (seed-format records or a BEIR folder)
+    embedder.py    the one model loader: a folder or Hub id -> texts of a side -> embeddings
+    work_parts.py  numbered pieces of work shared over processes, resumable (one file per finished piece)
+    embeddings.py  encode in fixed batches -> shards of rows, in memory or on disk (fp32 or fp16), one layout
+    similarity.py  cosine or dot product, as a transform of the embeddings
+    topk.py        exact top-k over chunks of a corpus, in bounded memory, with a fixed tie order
+    search.py      query blocks searched over the shards (top-k plus the scores of chosen rows)
+    evaluation.py  the metrics of a search; the in-training evaluator; evaluate_model for the command
+"""
