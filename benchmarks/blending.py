@@ -18,9 +18,9 @@ import os
 import shutil
 
 from finetune import train
-from finetune.arguments import EXAMPLE_TRAIN_FILE, EXAMPLE_VALIDATION_FILE
-from finetune.checkpointing import write_json_atomic
-from finetune.config import DEFAULT_RECIPE
+from finetune.training.arguments import EXAMPLE_TRAIN_FILE, EXAMPLE_VALIDATION_FILE
+from finetune.training.checkpointing import write_json_atomic
+from finetune.training.config import DEFAULT_RECIPE
 
 INSTRUCTIONS = {"a_to_m": "Find the docstring (modules a-m): ", "n_to_z": "Find the docstring (modules n-z): "}
 

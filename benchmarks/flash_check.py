@@ -30,7 +30,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     from transformers import AutoModel
 
     from conftest import build_tiny_decoder
-    from finetune import packing
+    from finetune.model import packing
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
@@ -41,7 +41,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     mask = (torch.arange(32)[None] >= 32 - lengths[:, None]).long()
     input_ids = torch.randint(5, 200, (16, 32), generator=generator) * mask
     input_ids, mask = input_ids.to(device), mask.to(device)
-    from finetune import attention_kernels
+    from finetune.model import attention_kernels
 
     kernels = ["auto"] + ([name for name in attention_kernels.FUSED_KERNELS
                            if attention_kernels.unavailable_reason(name, device, dtype, 64) is None]

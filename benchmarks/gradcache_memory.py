@@ -23,12 +23,12 @@ def one_step(model_path: str, batch_size: int, mini_batch_size: int | None, max_
     """Run one forward/backward of the ranking loss in this process; return time and peak memory."""
     import torch
 
-    from finetune.data import pad_sequences
-    from finetune.gradcache import backward_through_chunks, embed_without_graph
-    from finetune.losses import ranking_loss
-    from finetune.modeling import EmbeddingModel
-    from finetune.schema import read_records
-    from finetune.arguments import EXAMPLE_TRAIN_FILE
+    from finetune.data.examples import pad_sequences
+    from finetune.training.gradcache import backward_through_chunks, embed_without_graph
+    from finetune.objectives.losses import ranking_loss
+    from finetune.model.embedding_model import EmbeddingModel
+    from finetune.data.schema import read_records
+    from finetune.training.arguments import EXAMPLE_TRAIN_FILE
 
     model = EmbeddingModel.from_pretrained(model_path)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -79,7 +79,7 @@ def main(argv: list[str] | None = None) -> None:
         print(json.dumps(one_step(args.model_name_or_path, batch, mini, args.max_length, args.num_hard_negatives)))
         return
     if args.model_name_or_path is None:
-        from finetune.arguments import default_model_path
+        from finetune.training.arguments import default_model_path
         args.model_name_or_path = default_model_path()
     rows = []
     for batch in args.batch_sizes:

@@ -9,7 +9,7 @@ ranking loss of ``--batch_size`` questions from the example training data agains
 hard negative, ``--warmup`` untimed steps then ``--steps`` timed ones. Variants:
 
   padded       full fine-tune, ``--padding_free false``
-  packed       full fine-tune, padding-free (``finetune.packing``, the default)
+  packed       full fine-tune, padding-free (``finetune.model.packing``, the default)
   padded_lora  LoRA r=16 on the attention and MLP projections, padded batches
   packed_lora  LoRA r=16, padding-free
 
@@ -40,8 +40,8 @@ VARIANTS = {"padded": (False, False), "packed": (True, False), "padded_lora": (F
 
 
 def example_records() -> list[dict]:
-    from finetune.arguments import EXAMPLE_TRAIN_FILE
-    from finetune.schema import read_records
+    from finetune.training.arguments import EXAMPLE_TRAIN_FILE
+    from finetune.data.schema import read_records
 
     return [record for record in read_records(EXAMPLE_TRAIN_FILE) if record["neg_doc"]]
 
@@ -96,9 +96,9 @@ def run_variant(args) -> dict:
     import torch
     import torch.nn.functional as F
 
-    from finetune.lora import LoraSettings
-    from finetune.modeling import EmbeddingModel
-    from finetune.text import TextSide
+    from finetune.model.lora import LoraSettings
+    from finetune.model.embedding_model import EmbeddingModel
+    from finetune.data.text import TextSide
 
     torch.manual_seed(0)
     padding_free, lora = VARIANTS[args.variant]
@@ -137,7 +137,7 @@ def run_variant(args) -> dict:
             real_tokens += int(q["attention_mask"].sum() + d["attention_mask"].sum())
             padded_tokens += q["attention_mask"].numel() + d["attention_mask"].numel()
     seconds = sum(times)
-    from finetune import attention_kernels
+    from finetune.model import attention_kernels
 
     kernel = (attention_kernels.chosen_kernel(device, torch.bfloat16 if args.bf16 else torch.float32,
                                               model.encoder.config.head_dim) if model.position_rule else "padded")

@@ -69,7 +69,7 @@ def child_sentence_transformers(args) -> dict:
     from sentence_transformers import SentenceTransformer
     from sentence_transformers.util import mine_hard_negatives
 
-    from finetune.schema import read_records
+    from finetune.data.schema import read_records
 
     start = time.perf_counter()
     records = list(read_records(args.subset))
@@ -141,7 +141,7 @@ def shared_flags(args) -> list[str]:
 
 
 def compare(args) -> None:
-    from finetune.schema import read_records
+    from finetune.data.schema import read_records
 
     records = list(read_records(args.data))[:args.limit or None]
     with tempfile.NamedTemporaryFile("w", suffix=".jsonl", delete=False, encoding="utf-8") as handle:
@@ -186,7 +186,7 @@ def scaling(args) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
-    from finetune.arguments import EXAMPLE_TRAIN_FILE, default_model_path
+    from finetune.training.arguments import EXAMPLE_TRAIN_FILE, default_model_path
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model_name_or_path", default=default_model_path(),

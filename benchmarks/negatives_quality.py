@@ -17,8 +17,8 @@ import shutil
 
 from data_prep import mine
 from finetune import train
-from finetune.arguments import EXAMPLE_TRAIN_FILE, EXAMPLE_VALIDATION_FILE
-from finetune.config import DEFAULT_RECIPE
+from finetune.training.arguments import EXAMPLE_TRAIN_FILE, EXAMPLE_VALIDATION_FILE
+from finetune.training.config import DEFAULT_RECIPE
 
 
 def main(argv: list[str] | None = None) -> dict:

@@ -26,9 +26,9 @@ import torch
 
 from data_prep import score
 from finetune import train
-from finetune.arguments import EXAMPLE_TRAIN_FILE, EXAMPLE_VALIDATION_FILE, default_model_path
-from finetune.checkpointing import write_json_atomic
-from finetune.config import DEFAULT_RECIPE
+from finetune.training.arguments import EXAMPLE_TRAIN_FILE, EXAMPLE_VALIDATION_FILE, default_model_path
+from finetune.training.checkpointing import write_json_atomic
+from finetune.training.config import DEFAULT_RECIPE
 from finetune.retrieval.sets import load_retrieval_set
 from finetune.retrieval.evaluation import score_embeddings
 

@@ -67,7 +67,7 @@ def child_write(args) -> dict:
     """Random unit fp16 vectors as the shards of ``args.size`` documents in ``args.folder``."""
     import numpy as np
 
-    from finetune.checkpointing import atomic_write
+    from finetune.training.checkpointing import atomic_write
     from finetune.retrieval.embeddings import EmbeddingShards
     from finetune.retrieval.work_parts import PartsFolder, process_state
 
@@ -149,8 +149,8 @@ def measured(command: list[str], env: dict) -> tuple[float, float]:
 
 
 def encode_scaling(args) -> None:
-    from finetune.arguments import EXAMPLE_TRAIN_FILE, EXAMPLE_VALIDATION_FILE, default_model_path
-    from finetune.schema import read_records
+    from finetune.training.arguments import EXAMPLE_TRAIN_FILE, EXAMPLE_VALIDATION_FILE, default_model_path
+    from finetune.data.schema import read_records
 
     records = list(read_records(EXAMPLE_TRAIN_FILE))[:args.records or None]
     corpus = {text for record in records for text in record["pos_doc"] + record["neg_doc"]}

@@ -149,7 +149,7 @@ def write_benchmark_data(path: str, num_hard_negatives: int, long_documents: int
 
     ``long_documents > 1`` joins that many example documents into each document (GPU section: long sequences).
     """
-    from finetune.arguments import EXAMPLE_TRAIN_FILE
+    from finetune.training.arguments import EXAMPLE_TRAIN_FILE
 
     records = read_records(EXAMPLE_TRAIN_FILE)
     pool = [doc for record in records for doc in record["pos_doc"] + record["neg_doc"]]
@@ -188,7 +188,7 @@ def train_wordpiece_tokenizer(vocab_size: int = 30522):
     from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors, trainers
     from transformers import PreTrainedTokenizerFast
 
-    from finetune.arguments import EXAMPLE_TRAIN_FILE
+    from finetune.training.arguments import EXAMPLE_TRAIN_FILE
 
     texts = [text for record in read_records(EXAMPLE_TRAIN_FILE)
              for text in [record["question"], *record["pos_doc"], *record["neg_doc"]]]
@@ -209,7 +209,7 @@ def build_random_encoder(folder: str, size: str = "large", tokenizer_path: str |
     SentenceTransformer folder."""
     from transformers import BertConfig, BertModel
 
-    from finetune.modeling import EmbeddingModel
+    from finetune.model.embedding_model import EmbeddingModel
 
     if os.path.isfile(os.path.join(folder, "modules.json")):
         return folder
@@ -299,7 +299,7 @@ def run_worker(args) -> None:
     if int(os.environ.get("RANK", "0")) == 0:  # under accelerate launch (benchmarks/gpu_scaling.py): rank 0 reports
         Path(args.result_file).write_text(json.dumps(result))
     if args.worker != "theirs":  # under accelerate launch: as train.cli does (a finished run must exit)
-        from finetune.distributed import end_process_group
+        from finetune.training.distributed import end_process_group
 
         end_process_group()
 
@@ -317,7 +317,7 @@ def launch_round(args, variant: str, round_index: int) -> dict:
 
 
 def evaluate_quality(model_path: str, max_length: int) -> dict:
-    from finetune.arguments import EXAMPLE_VALIDATION_FILE
+    from finetune.training.arguments import EXAMPLE_VALIDATION_FILE
     from finetune.retrieval.evaluation import evaluate_model
     from finetune.retrieval.sets import load_retrieval_set
 

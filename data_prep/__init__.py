@@ -1,4 +1,4 @@
 """Command-line tools that prepare NeMo SBERT-format data: validate, convert, mine, split.
 
-They share the record schema (``finetune.schema``) and the encoder (``finetune.modeling``).
+They share the record schema (``finetune.data.schema``) and the encoder (``finetune.model.embedding_model``).
 """

@@ -93,8 +93,8 @@ def main(argv: list[str] | None = None) -> None:
 
     from data_prep.mining import MiningSettings, mine_negatives
     from data_prep.records import write_jsonl
-    from finetune.arguments import default_model_path
-    from finetune.modeling import EmbeddingModel
+    from finetune.training.arguments import default_model_path
+    from finetune.model.embedding_model import EmbeddingModel
 
     pairs = deduplicate(docstring_pairs(Path(sysconfig.get_paths()["stdlib"])))
     logger.info("%d unique docstring pairs", len(pairs))

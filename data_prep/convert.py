@@ -31,7 +31,7 @@ from collections.abc import Iterable, Iterator
 from tqdm.auto import tqdm
 
 from data_prep.records import merge_records, run_cli, setup_logging, write_jsonl
-from finetune.schema import NEG_DOC, POS_DOC, QUESTION
+from finetune.data.schema import NEG_DOC, POS_DOC, QUESTION
 
 logger = logging.getLogger("data_prep.convert")
 FORMATS = ("beir", "msmarco", "table")

@@ -40,17 +40,17 @@ from data_prep.mining import FILTER_REASONS, REASONS, SAMPLING, MiningSettings, 
 from data_prep.records import (json_line, normalized_key, optional_float, run_cli,
                                setup_logging, unique)
 from finetune.retrieval.sets import read_corpus_file
-from finetune.checkpointing import atomic_write
-from finetune.schema import NEG_DOC, POS_DOC, QUESTION, SCORED_LISTS, normalize_record, read_records
+from finetune.training.checkpointing import atomic_write
+from finetune.data.schema import NEG_DOC, POS_DOC, QUESTION, SCORED_LISTS, normalize_record, read_records
 from finetune.retrieval.search import ShardOptions, encode_corpus, read_blocks, remove_parts, search_queries
-from finetune.text import TextSide
+from finetune.data.text import TextSide
 from finetune.retrieval.work_parts import path_identity, process_state
 
 logger = logging.getLogger("data_prep.mine")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from finetune.arguments import default_model_path
+    from finetune.training.arguments import default_model_path
 
     parser = argparse.ArgumentParser(prog="python -m data_prep.mine", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -260,7 +260,7 @@ def search_candidates(args, corpus_texts: list[str], questions: list[str], posit
     Returns the options, the paths of the question blocks' results (top ``k`` and the scores of each question's
     positives) and the time the corpus encoding ended.
     """
-    from finetune.modeling import EmbeddingModel
+    from finetune.model.embedding_model import EmbeddingModel
 
     model = EmbeddingModel.from_pretrained(args.model_name_or_path, padding_free=True)  # same vectors, no padding work
     model.to(state.device)

@@ -1,6 +1,6 @@
 """What the data_prep tools share: text normalisation, merging records, atomic JSON Lines output, CLI plumbing.
 
-The record schema and the reader live in ``finetune.schema``; this module only adds what the tools
+The record schema and the reader live in ``finetune.data.schema``; this module only adds what the tools
 need on top of it.
 """
 
@@ -13,8 +13,8 @@ import sys
 import unicodedata
 from collections.abc import Callable, Iterable
 
-from finetune.checkpointing import atomic_write
-from finetune.schema import POS_DOC, NEG_DOC, QUESTION, SCORED_LISTS, DataFormatError, normalize_record, text_key
+from finetune.training.checkpointing import atomic_write
+from finetune.data.schema import POS_DOC, NEG_DOC, QUESTION, SCORED_LISTS, DataFormatError, normalize_record, text_key
 
 _SPACES = re.compile(r"\s+")
 
@@ -78,7 +78,7 @@ def json_line(record) -> str:
 
 
 def write_jsonl(path: str, records: Iterable[dict]) -> int:
-    """Write records as JSON Lines atomically (``finetune.checkpointing.atomic_write``); returns how many were written."""
+    """Write records as JSON Lines atomically (``finetune.training.checkpointing.atomic_write``); returns how many were written."""
     count = 0
     with atomic_write(path) as handle:
         for record in records:
@@ -106,7 +106,7 @@ def run_cli(main: Callable[[], object]) -> None:
         sys.exit(2)
     code = result if isinstance(result, int) and not isinstance(result, bool) else 0
     if "torch.distributed" in sys.modules:  # only a tool that loaded torch can have a process group to end
-        from finetune.distributed import end_process_group
+        from finetune.training.distributed import end_process_group
 
         end_process_group(code)  # under accelerate launch: all done, then the groups go before the interpreter does
     sys.exit(code)

@@ -7,7 +7,7 @@
 Teachers: ``cross-encoder`` (default): sentence-transformers' ``CrossEncoder`` scores each (question,
 document) pair; the score is its raw logit (no sigmoid), the scale rerankers are distilled at.
 ``bi-encoder``: the cosine of the question's and the document's embeddings, encoded as training does
-(``finetune.modeling.EmbeddingModel``, prompts and lengths as given), e.g. a fine-tuned model of ours.
+(``finetune.model.embedding_model.EmbeddingModel``, prompts and lengths as given), e.g. a fine-tuned model of ours.
 
 Records are scored in blocks of ``--block_size``; every finished block is written atomically into
 ``OUTPUT.parts/`` (``finetune.retrieval.work_parts``). A rerun after a kill scores only the missing blocks (when the
@@ -27,10 +27,10 @@ import torch
 from tqdm.auto import tqdm
 
 from data_prep.records import json_line, run_cli, setup_logging
-from finetune.checkpointing import atomic_write
-from finetune.schema import NEG_DOC, NEG_SCORES, POS_DOC, POS_SCORES, QUESTION, expand_data_files, normalize_record, \
-    read_records
-from finetune.text import TextSide
+from finetune.training.checkpointing import atomic_write
+from finetune.data.schema import (NEG_DOC, NEG_SCORES, POS_DOC, POS_SCORES, QUESTION, expand_data_files,
+                                  normalize_record, read_records)
+from finetune.data.text import TextSide
 from finetune.retrieval.work_parts import PartsFolder, fingerprint, path_identity, process_state
 
 logger = logging.getLogger("data_prep.score")
@@ -82,10 +82,10 @@ class CrossEncoderTeacher:
 
 
 class BiEncoderTeacher:
-    """Cosine of question and document embeddings, tokenized as training does (``finetune.text``)."""
+    """Cosine of question and document embeddings, tokenized as training does (``finetune.data.text``)."""
 
     def __init__(self, path: str, args, device: str):
-        from finetune.modeling import EmbeddingModel
+        from finetune.model.embedding_model import EmbeddingModel
 
         self.model = EmbeddingModel.from_pretrained(path, trust_remote_code=args.trust_remote_code,
                                                     padding_free=True).to(device)

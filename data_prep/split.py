@@ -21,7 +21,7 @@ import logging
 from tqdm.auto import tqdm
 
 from data_prep.records import normalize_text, run_cli, setup_logging, write_jsonl
-from finetune.schema import POS_DOC, QUESTION, normalize_record, read_records
+from finetune.data.schema import POS_DOC, QUESTION, normalize_record, read_records
 
 logger = logging.getLogger("data_prep.split")
 GROUP_BY = (QUESTION, POS_DOC)

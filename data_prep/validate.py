@@ -23,10 +23,10 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from data_prep.records import json_line, normalized_key, run_cli, setup_logging
-from finetune.checkpointing import atomic_write
-from finetune.schema import (EMPTY_FILE, NEG_DOC, POS_DOC, QUESTION, DataFormatError, RecordProblem, expand_data_files,
-                             iter_raw_records, record_problems, text_key)
-from finetune.text import TextSide
+from finetune.training.checkpointing import atomic_write
+from finetune.data.schema import (EMPTY_FILE, NEG_DOC, POS_DOC, QUESTION, DataFormatError, RecordProblem,
+                                  expand_data_files, iter_raw_records, record_problems, text_key)
+from finetune.data.text import TextSide
 
 logger = logging.getLogger("data_prep.validate")
 LENGTH_FIELDS = (QUESTION, POS_DOC, NEG_DOC)
@@ -63,7 +63,7 @@ class LengthCounter:
 
     def __init__(self, tokenizer=None, query_prefix: str = "", document_prefix: str = "", batch_size: int = 512):
         self.tokenizer = tokenizer
-        query, document = TextSide(query_prefix), TextSide(document_prefix)  # the text path of training (finetune.text)
+        query, document = TextSide(query_prefix), TextSide(document_prefix)  # the text path of training (finetune.data.text)
         self.sides = {QUESTION: query, POS_DOC: document, NEG_DOC: document}
         self.batch_size = batch_size
         self.pending: dict[str, list[str]] = {name: [] for name in LENGTH_FIELDS}
@@ -257,7 +257,7 @@ def load_tokenizer(model_name_or_path: str):
     from transformers import AutoTokenizer
     from transformers.utils import logging as transformers_logging
 
-    from finetune.st_layout import read_sentence_transformer_config
+    from finetune.model.st_layout import read_sentence_transformer_config
 
     transformers_logging.set_verbosity_error()  # "sequence longer than the model's maximum" is what we measure
     subfolder = read_sentence_transformer_config(model_name_or_path).transformer_subfolder

@@ -15,7 +15,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from finetune.hub import DEFAULT_COMMIT_MESSAGE, HubPushError, push_model, repo_url
+from finetune.publishing.hub import DEFAULT_COMMIT_MESSAGE, HubPushError, push_model, repo_url
 
 
 def main(argv: list[str] | None = None) -> str:

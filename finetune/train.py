@@ -17,27 +17,27 @@ import sys
 
 import transformers
 
-from finetune.arguments import DataArguments, EmbeddingTrainingArguments, ModelArguments
-from finetune.checkpointing import CheckpointWriteError, last_complete_checkpoint
-from finetune.config import ConfigError, launch_defaults, parse_arguments
-from finetune.blend import BlendedTripletDataset, blocks_consumed, blocks_per_dataset
-from finetune.data import TripletCollator
-from finetune.distributed import (PeerProcessError, UnsupportedShardingError, check_sharding_support,
-                                  end_process_group, fsdp_requested, peer_failure_message)
-from finetune.hub import HubPushError, SentenceTransformerHubMixin
-from finetune.modeling import EmbeddingModel, ModelLoadError
-from finetune.monitoring import NonFiniteError
-from finetune.out_of_memory import TrainingOutOfMemoryError, explain_out_of_memory
-from finetune.schema import DataFormatError
-from finetune.sharing import configure_tracking, share
-from finetune.trainer import EmbeddingTrainer
-from finetune.training_data import build_training_data, read_data
+from finetune.training.arguments import DataArguments, EmbeddingTrainingArguments, ModelArguments
+from finetune.training.checkpointing import CheckpointWriteError, last_complete_checkpoint
+from finetune.training.config import ConfigError, launch_defaults, parse_arguments
+from finetune.data.blend import BlendedTripletDataset, blocks_consumed, blocks_per_dataset
+from finetune.data.examples import TripletCollator
+from finetune.training.distributed import (PeerProcessError, UnsupportedShardingError, check_sharding_support,
+                                           end_process_group, fsdp_requested, peer_failure_message)
+from finetune.publishing.hub import HubPushError, SentenceTransformerHubMixin
+from finetune.model.embedding_model import EmbeddingModel, ModelLoadError
+from finetune.training.monitoring import NonFiniteError
+from finetune.training.out_of_memory import TrainingOutOfMemoryError, explain_out_of_memory
+from finetune.data.schema import DataFormatError
+from finetune.publishing.sharing import configure_tracking, share
+from finetune.training.trainer import EmbeddingTrainer
+from finetune.training.inputs import build_training_data, read_data
 
 logger = logging.getLogger("finetune.train")
 
 
 class HubEmbeddingTrainer(SentenceTransformerHubMixin, EmbeddingTrainer):
-    """EmbeddingTrainer whose --push_to_hub uploads the SentenceTransformer folder and its card (finetune.hub)."""
+    """EmbeddingTrainer whose --push_to_hub uploads the SentenceTransformer folder and its card (finetune.publishing.hub)."""
 
 
 class OutputDirError(ValueError):
@@ -208,7 +208,7 @@ def main(argv: list[str] | None = None) -> dict:
 
 def cli() -> None:
     """Entry point: bad input ends with one clear message and exit code 2, not a traceback. A run that succeeded
-    ends its process group before the process exits (``finetune.distributed.end_process_group``)."""
+    ends its process group before the process exits (``finetune.training.distributed.end_process_group``)."""
     try:
         main()
     except (DataFormatError, OutputDirError, ConfigError, ModelLoadError, NonFiniteError, FileNotFoundError, HubPushError,

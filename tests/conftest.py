@@ -143,10 +143,11 @@ def make_trainer(model_path, tmp_path, *, records=None, num_hard_negatives=2, ob
     ``overrides`` become command-line flags (``temperature=0.1`` -> ``--temperature 0.1``). The optimizer is
     created and ``current_gradient_accumulation_steps`` set, so ``training_step`` can be called directly.
     """
-    from finetune.config import parse_arguments
-    from finetune.data import TripletCollator, TripletDataset, load_raw_dataset, tokenize_dataset
-    from finetune.modeling import EmbeddingModel
-    from finetune.trainer import EmbeddingTrainer
+    from finetune.training.config import parse_arguments
+    from finetune.data.examples import TripletCollator, TripletDataset
+    from finetune.data.columns import load_raw_dataset, tokenize_dataset
+    from finetune.model.embedding_model import EmbeddingModel
+    from finetune.training.trainer import EmbeddingTrainer
 
     tmp_path.mkdir(parents=True, exist_ok=True)
     argv = ["--output_dir", str(tmp_path / "out"), "--use_cpu", "true", "--report_to", "none"]

@@ -9,10 +9,10 @@ import sys
 import torch
 from accelerate import PartialState
 
-from finetune.distributed import end_process_group, world
+from finetune.training.distributed import end_process_group, world
 from finetune.retrieval.evaluation import evaluate_retrieval
 from finetune.retrieval.sets import load_retrieval_set
-from finetune.modeling import EmbeddingModel
+from finetune.model.embedding_model import EmbeddingModel
 
 
 def main(model_path: str, data_path: str, output_path: str) -> None:

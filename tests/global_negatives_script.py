@@ -4,7 +4,7 @@ its 1-process references.
     accelerate launch --multi_gpu --num_processes 2 tests/global_negatives_script.py MODEL OUT
 
 Besides the plain ranking loss ('global' and 'local' backprop), each process runs two objectives the way the
-trainer does (``finetune.objectives.batch_for_objective``, then the objective): 'query_to_query' (queries as
+trainer does (``finetune.objectives.base.batch_for_objective``, then the objective): 'query_to_query' (queries as
 in-batch candidates, without doc_to_query: every process's queries must be gathered), and 'duplicate' (a
 positive text shared by the two processes' halves of the global batch: never a negative of the other).
 """
@@ -15,11 +15,13 @@ import torch
 import torch.distributed as dist
 
 from conftest import make_records
-from finetune.data import pad_sequences, text_key
-from finetune.distributed import gather_rows, world
-from finetune.losses import ranking_loss
-from finetune.modeling import EmbeddingModel
-from finetune.objectives import RankingObjective, batch_for_objective
+from finetune.data.examples import pad_sequences
+from finetune.data.schema import text_key
+from finetune.training.distributed import gather_rows, world
+from finetune.objectives.losses import ranking_loss
+from finetune.model.embedding_model import EmbeddingModel
+from finetune.objectives.builtin import RankingObjective
+from finetune.objectives.base import batch_for_objective
 
 BATCH, SHARDS = 8, 2
 

@@ -8,8 +8,9 @@ import sys
 
 import torch.distributed as dist
 
-from finetune import objectives, train
-from finetune.distributed import end_process_group
+from finetune.objectives import builtin as objectives
+from finetune import train
+from finetune.training.distributed import end_process_group
 
 real_ranking_loss = objectives.ranking_loss
 calls = {"n": 0}

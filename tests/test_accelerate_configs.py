@@ -39,8 +39,8 @@ def test_deepspeed_config_validates_after_auto_is_filled(path, precision, tiny_b
     from deepspeed.runtime.config import DeepSpeedConfig
     from transformers.integrations.deepspeed import HfTrainerDeepSpeedConfig, unset_hf_deepspeed_config
 
-    from finetune.config import parse_arguments
-    from finetune.modeling import EmbeddingModel
+    from finetune.training.config import parse_arguments
+    from finetune.model.embedding_model import EmbeddingModel
 
     raw = json.loads(path.read_text())
     assert "auto" in json.dumps(raw)  # batch sizes, precision and clipping come from the training arguments
@@ -68,7 +68,7 @@ def test_fsdp_config_wraps_the_models_own_block_class(model_fixture, block, requ
     from accelerate.commands.config.config_args import load_config_from_file
     from accelerate.utils import FullyShardedDataParallelPlugin
 
-    from finetune.modeling import EmbeddingModel
+    from finetune.model.embedding_model import EmbeddingModel
 
     fsdp = load_config_from_file(str(ROOT / "accelerate_configs" / "fsdp.yaml")).fsdp_config
     plugin = FullyShardedDataParallelPlugin(

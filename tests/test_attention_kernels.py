@@ -1,4 +1,4 @@
-"""The packed attention kernels (finetune.attention_kernels): each against grouped SDPA, the choice among them, the
+"""The packed attention kernels (finetune.model.attention_kernels): each against grouped SDPA, the choice among them, the
 check that drops a disagreeing kernel, and one host read per packed forward. The CUDA-only kernels run here through
 stand-ins with their library's contract; tests/test_gpu.py runs the real ones on a GPU."""
 
@@ -9,8 +9,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from finetune import attention_kernels, packing
-from finetune.modeling import EmbeddingModel
+from finetune.model import attention_kernels
+from finetune.model import packing
+from finetune.model.embedding_model import EmbeddingModel
 from test_packing import random_batch, reference_varlen, use_stand_in_kernel
 
 
@@ -90,7 +91,7 @@ def test_a_kernel_that_disagrees_is_dropped_and_grouped_sdpa_answers(monkeypatch
     monkeypatch.setattr(attention_kernels, "unavailable_reason",
                         lambda kernel, *args: attention_kernels._failed.get(kernel))
     q, k, v, layout = packed_inputs()
-    with caplog.at_level(logging.WARNING, logger="finetune.packing"), torch.no_grad():
+    with caplog.at_level(logging.WARNING, logger="finetune.model.packing"), torch.no_grad():
         bidirectional = attention_kernels.attend(q, k, v, layout, dropout=0.0, scale=None, causal=False)
         causal = attention_kernels.attend(q, k, v, layout, dropout=0.0, scale=None, causal=True)
     torch.testing.assert_close(bidirectional, loop_reference(q, k, v, layout, False), atol=1e-5, rtol=1e-5)
@@ -105,7 +106,7 @@ def test_a_kernel_that_raises_is_dropped(monkeypatch, caplog):
 
     use_stand_in_kernel(monkeypatch, "flash_attn", flash_attn_function=broken)
     q, k, v, layout = packed_inputs()
-    with caplog.at_level(logging.WARNING, logger="finetune.packing"), torch.no_grad():
+    with caplog.at_level(logging.WARNING, logger="finetune.model.packing"), torch.no_grad():
         result = attention_kernels.attend(q, k, v, layout, dropout=0.0, scale=None, causal=False)
     torch.testing.assert_close(result, loop_reference(q, k, v, layout, False), atol=1e-5, rtol=1e-5)
     assert "RuntimeError: FlashAttention only supports Ampere GPUs or newer." in caplog.text
@@ -147,7 +148,7 @@ def test_a_named_kernel_that_cannot_run_here_is_an_error(monkeypatch):
 
 
 def test_the_option_is_checked_when_parsed():
-    from finetune.config import ConfigError, parse_arguments
+    from finetune.training.config import ConfigError, parse_arguments
 
     with pytest.raises(ConfigError, match="--attention_kernel must be one of"):
         parse_arguments(["--attention_kernel", "fastest"])

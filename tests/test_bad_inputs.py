@@ -10,10 +10,10 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from finetune import train
-from finetune.config import ConfigError, parse_arguments
-from finetune.modeling import EmbeddingModel, ModelLoadError
-from finetune.schema import DataFormatError, check_record, find_problems
-from finetune.trainer import NonFiniteError
+from finetune.training.config import ConfigError, parse_arguments
+from finetune.model.embedding_model import EmbeddingModel, ModelLoadError
+from finetune.data.schema import DataFormatError, check_record, find_problems
+from finetune.training.trainer import NonFiniteError
 
 BAD = Path(__file__).resolve().parent / "bad_inputs"
 
@@ -120,7 +120,7 @@ def test_global_batch_must_divide():
 
 @pytest.mark.parametrize("policy", ["stop", "skip"])
 def test_non_finite_loss_stops_or_skips(tiny_bert, train_file, tmp_path, monkeypatch, policy):
-    from finetune import objectives as trainer_module  # where the ranking loss is called
+    from finetune.objectives import builtin as trainer_module  # where the ranking loss is called
 
     calls = {"n": 0}
     real_loss = trainer_module.ranking_loss

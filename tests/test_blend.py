@@ -14,8 +14,8 @@ from safetensors.torch import load_file
 
 from conftest import kill_when, launch_two_processes, make_records, write_jsonl
 from finetune import train
-from finetune.blend import BlendedEpochSampler, BlendedTripletDataset, blend_weights, blocks_per_dataset
-from finetune.config import ConfigError, parse_arguments
+from finetune.data.blend import BlendedEpochSampler, BlendedTripletDataset, blend_weights, blocks_per_dataset
+from finetune.training.config import ConfigError, parse_arguments
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -129,7 +129,7 @@ def test_what_an_epoch_is():
 
 
 def test_validation_batches_hold_one_dataset_each():
-    from finetune.blend import BlendedEvalSampler
+    from finetune.data.blend import BlendedEvalSampler
 
     blend = BlendedTripletDataset([Sized(5), Sized(2), Sized(9)], ["a", "b", "c"])
     keys = list(BlendedEvalSampler(blend, block=4))
@@ -208,7 +208,8 @@ def test_sigkill_then_rerun_ends_at_the_same_weights(tiny_bert, two_datasets, tm
 def test_dispatch_by_dataset_id_with_a_default():
     import torch
 
-    from finetune.objectives import DatasetDispatch, EmbeddedBatch, ObjectiveOutput
+    from finetune.objectives.builtin import DatasetDispatch
+    from finetune.objectives.base import EmbeddedBatch, ObjectiveOutput
 
     def constant(value):
         return lambda batch: ObjectiveOutput(torch.tensor(value))
@@ -240,10 +241,10 @@ def test_blocks_seen_with_accumulation_across_epochs():
 def test_blend_weights_from_the_command_line_reach_the_sampler(tiny_bert, two_datasets, tmp_path, temperature):
     """``name=path:weight`` and ``--dataset_sampling weighted`` (with and without ``--dataset_temperature``) are what
     the trainer's sampler draws by: the weights given (3 and the default 1), or the sizes^(1/T) instead."""
-    from finetune.data import TripletCollator
-    from finetune.modeling import EmbeddingModel
-    from finetune.trainer import EmbeddingTrainer
-    from finetune.training_data import build_training_data, read_data
+    from finetune.data.examples import TripletCollator
+    from finetune.model.embedding_model import EmbeddingModel
+    from finetune.training.trainer import EmbeddingTrainer
+    from finetune.training.inputs import build_training_data, read_data
 
     first, second = two_datasets  # 24 and 12 records
     argv = ["--model_name_or_path", tiny_bert, "--output_dir", str(tmp_path / "out"), "--use_cpu", "true",

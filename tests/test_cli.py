@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 from transformers import TrainingArguments
 
-from finetune.arguments import DataArguments, EmbeddingTrainingArguments, ModelArguments
-from finetune.config import DEFAULT_RECIPE, ConfigError, parse_arguments
+from finetune.training.arguments import DataArguments, EmbeddingTrainingArguments, ModelArguments
+from finetune.training.config import DEFAULT_RECIPE, ConfigError, parse_arguments
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -118,8 +118,8 @@ def entry_points(monkeypatch, main):
 @pytest.mark.parametrize("command", ["train", "evaluate", "data_prep"])
 def test_a_command_that_succeeded_ends_its_process_group(process_group, monkeypatch, command):
     """Left to the interpreter's shutdown, the group's teardown can abort a finished process (SIGABRT, see
-    finetune.distributed.end_process_group); after a failure it is left alone (a dead peer would hang a barrier)."""
-    from finetune.config import ConfigError
+    finetune.training.distributed.end_process_group); after a failure it is left alone (a dead peer would hang a barrier)."""
+    from finetune.training.config import ConfigError
 
     def fails():
         raise ConfigError("bad option")

@@ -9,11 +9,12 @@ import torch
 from transformers import AutoTokenizer
 
 from conftest import make_records, write_jsonl
-from finetune import data as data_module
-from finetune.data import (EpochShuffleSampler, TripletCollator, TripletDataset, check_enough_negatives,
-                           load_raw_dataset, tokenize_dataset)
-from finetune.schema import DataFormatError
-from finetune.text import TextSide
+from finetune.data import columns as data_module
+from finetune.data.samplers import EpochShuffleSampler
+from finetune.data.examples import TripletCollator, TripletDataset
+from finetune.data.columns import check_enough_negatives, load_raw_dataset, tokenize_dataset
+from finetune.data.schema import DataFormatError
+from finetune.data.text import TextSide
 
 GOOD = {"question": "q", "pos_doc": ["p"], "neg_doc": ["n1", "n2"]}
 
@@ -237,7 +238,7 @@ def test_collator_pads_to_multiple(tmp_path, tokenizer):
 def test_length_grouped_sampler_groups_lengths_and_keeps_every_example_once():
     import random
 
-    from finetune.data import EpochShuffleSampler, LengthGroupedEpochSampler
+    from finetune.data.samplers import EpochShuffleSampler, LengthGroupedEpochSampler
 
     rng = random.Random(0)
     lengths = [rng.randint(5, 300) for _ in range(1000)]
@@ -257,7 +258,7 @@ def test_length_grouped_sampler_groups_lengths_and_keeps_every_example_once():
 
 
 def test_example_lengths_are_the_longest_document(tokenizer, train_file):
-    from finetune.data import example_lengths, load_raw_dataset, tokenize_dataset
+    from finetune.data.columns import example_lengths, load_raw_dataset, tokenize_dataset
 
     tokenized = tokenize_dataset(load_raw_dataset([train_file]), tokenizer, query=TextSide(max_length=32),
                                  document=TextSide(max_length=64))
@@ -276,7 +277,7 @@ def test_the_epoch_reaches_the_sampler_under_accelerates_wrappers_of_a_resumed_m
     from accelerate.data_loader import BatchSamplerShard, SkipBatchSampler
     from torch.utils.data import BatchSampler
 
-    from finetune.data import EpochShuffleSampler, SamplerEpochCallback, epoch_sampler_of
+    from finetune.data.samplers import EpochShuffleSampler, SamplerEpochCallback, epoch_sampler_of
 
     sampler = EpochShuffleSampler(24, seed=7)
     wrapped = SkipBatchSampler(BatchSamplerShard(BatchSampler(sampler, 4, False), num_processes=2, process_index=1), 1)
@@ -291,7 +292,7 @@ def test_tokenization_uses_several_processes_for_large_data_only(monkeypatch, tm
     from transformers import AutoTokenizer
 
     from conftest import make_records, write_jsonl
-    from finetune.data import load_raw_dataset, tokenize_dataset, tokenizer_processes
+    from finetune.data.columns import load_raw_dataset, tokenize_dataset, tokenizer_processes
 
     monkeypatch.setattr("os.sched_getaffinity", lambda pid: set(range(16)), raising=False)
     assert tokenizer_processes(2_025) is None and tokenizer_processes(39_999) is None

@@ -10,7 +10,7 @@ import pytest
 from conftest import make_records
 from data_prep import convert
 from data_prep.records import merge_records
-from finetune.schema import read_records
+from finetune.data.schema import read_records
 
 
 def converted(tmp_path, *argv) -> list[dict]:

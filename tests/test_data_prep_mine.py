@@ -11,7 +11,7 @@ from conftest import make_records, write_jsonl
 from data_prep import mine
 from data_prep.mining import MiningSettings, mine_negatives
 from data_prep.records import normalize_text
-from finetune.schema import read_records
+from finetune.data.schema import read_records
 from finetune.retrieval.topk import chunked_topk
 
 
@@ -144,7 +144,7 @@ def run_mine(tmp_path, model, data, *argv, name="mined.jsonl") -> dict:
 
 
 def test_command_matches_a_brute_force_full_matrix(tmp_path, tiny_bert, mining_data):
-    from finetune.modeling import EmbeddingModel
+    from finetune.model.embedding_model import EmbeddingModel
 
     records, data, extra_path, extra = mining_data
     corpus_texts = list(dict.fromkeys([t for r in records for t in r["pos_doc"] + r["neg_doc"]] + extra))
@@ -259,7 +259,7 @@ def test_a_decoder_mines_what_sentence_transformers_ranks_highest(tmp_path, tiny
     negatives that sentence-transformers' own encode of the same saved model scores highest."""
     from sentence_transformers import SentenceTransformer
 
-    from finetune.modeling import EmbeddingModel
+    from finetune.model.embedding_model import EmbeddingModel
 
     records, data, _, _ = mining_data
     instruction = "Instruct: find the passage\nQuery: "

@@ -8,7 +8,7 @@ import torch
 
 from conftest import launch_two_processes, make_records, write_jsonl
 from data_prep import score
-from finetune.schema import read_records
+from finetune.data.schema import read_records
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -69,7 +69,7 @@ def test_cross_encoder_scores_are_the_raw_logits(tiny_cross_encoder, tmp_path):
 def test_bi_encoder_scores_are_sentence_transformers_cosines(tiny_bert, tmp_path):
     from sentence_transformers import SentenceTransformer
 
-    from finetune.modeling import EmbeddingModel
+    from finetune.model.embedding_model import EmbeddingModel
 
     folder = str(tmp_path / "teacher")
     EmbeddingModel.from_pretrained(tiny_bert, query_prefix="query: ", document_prefix="passage: ").save_pretrained(folder)
@@ -127,7 +127,7 @@ def test_two_processes_write_what_one_process_writes(tiny_cross_encoder, tmp_pat
 def test_bad_input_is_one_clear_error_before_the_teacher_loads(tmp_path):
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"question": "q", "pos_doc": []}\n')
-    from finetune.schema import DataFormatError
+    from finetune.data.schema import DataFormatError
 
     with pytest.raises(DataFormatError, match="bad.jsonl, line 1, field 'pos_doc'"):
         score.main(["--teacher", str(tmp_path / "no-such-teacher"), "--input", str(bad), "--output", str(tmp_path / "o")])

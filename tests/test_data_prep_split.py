@@ -9,8 +9,8 @@ from hypothesis import given, settings, strategies as st
 from conftest import make_records, write_jsonl
 from data_prep import split
 from data_prep.records import normalize_text
-from finetune.schema import normalize_record
-from finetune.schema import read_records
+from finetune.data.schema import normalize_record
+from finetune.data.schema import read_records
 
 
 def run(tmp_path, data, *argv, prefix="") -> tuple[list[dict], list[dict], dict]:

@@ -8,8 +8,8 @@ import pytest
 
 from conftest import make_records, write_jsonl
 from data_prep import validate
-from finetune.checkpointing import atomic_write as atomic_output
-from finetune.schema import read_records
+from finetune.training.checkpointing import atomic_write as atomic_output
+from finetune.data.schema import read_records
 
 GOOD = {"question": "q", "pos_doc": ["p"], "neg_doc": ["n1", "n2"]}
 

@@ -3,7 +3,7 @@ folder gives sentence-transformers the same vectors; training runs end to end.""
 
 import torch
 
-from finetune.modeling import EmbeddingModel
+from finetune.model.embedding_model import EmbeddingModel
 
 QUERIES = ["alpha beta gamma", "python function returns list of tokens", "river"]
 DOCUMENTS = ["mountain forest ocean desert valley city castle bridge", "query document passage answer", "omega"]
@@ -68,7 +68,7 @@ def test_a_tokenizer_that_ends_texts_with_its_own_special_token_is_left_alone(tm
     from transformers import AutoTokenizer
 
     from conftest import build_tiny_decoder
-    from finetune.decoders import prepare_decoder_tokenizer
+    from finetune.model.decoders import prepare_decoder_tokenizer
 
     folder = build_tiny_decoder(str(tmp_path / "qwen"), "qwen3")
     tokenizer = AutoTokenizer.from_pretrained(folder)
@@ -110,7 +110,7 @@ def test_bidirectional_attention_trains_and_is_saved(tiny_qwen3, train_file, tmp
 def test_attention_option_is_checked(tiny_bert, tiny_qwen3):
     import pytest
 
-    from finetune.arguments import ModelArguments
+    from finetune.training.arguments import ModelArguments
 
     with pytest.raises(ValueError, match="--attention must be one of"):
         ModelArguments(attention="sideways")

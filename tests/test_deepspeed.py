@@ -7,7 +7,7 @@ its flat fp32 partitions: the update rule is the same in all three runs and only
 gradient reductions differs. Gradient clipping is active (the gradient norm is above 1).
 
 LoRA composes with both stages: the same 2 LoRA steps under DDP, ZeRO-2 and ZeRO-3 end at the same merged
-weights (made from the state dict the Trainer gathers, finetune.lora.merge_lora_weights), and resuming from
+weights (made from the state dict the Trainer gathers, finetune.model.lora.merge_lora_weights), and resuming from
 DeepSpeed's own checkpoint is exact (the ZeRO-3 resumed run saves the adapter alone, --save_adapter_only).
 
 GradCache composes with both stages too: 2 GradCache steps of 2 accumulated batches end where DDP + GradCache ends.
@@ -26,10 +26,10 @@ import torch
 from safetensors.torch import load_file
 
 from conftest import ROOT, launch_two_processes, make_records, write_jsonl
-from finetune.config import ConfigError, launch_defaults
-from finetune.modeling import EmbeddingModel
+from finetune.training.config import ConfigError, launch_defaults
+from finetune.model.embedding_model import EmbeddingModel
 
-# Every run as users launch it, without --use_cpu: finetune.config.launch_defaults supplies what CPU needs.
+# Every run as users launch it, without --use_cpu: finetune.training.config.launch_defaults supplies what CPU needs.
 RUNS = {"ddp": ("cpu_multi_process.yaml", []), "zero2": ("cpu_deepspeed_zero2.yaml", []),
         "zero3": ("cpu_deepspeed_zero3.yaml", [])}
 TEXTS = ["alpha beta river", "python function returns list", "query document passage answer", "city"]

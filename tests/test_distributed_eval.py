@@ -11,7 +11,7 @@ import pytest
 from conftest import make_records, write_jsonl
 from finetune.retrieval.evaluation import evaluate_retrieval
 from finetune.retrieval.sets import load_retrieval_set
-from finetune.modeling import EmbeddingModel
+from finetune.model.embedding_model import EmbeddingModel
 
 HERE = Path(__file__).resolve().parent
 

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from finetune.config import build_parser
+from finetune.training.config import build_parser
 
 ROOT = Path(__file__).resolve().parent.parent
 README = ROOT / "README.md"
@@ -96,7 +96,7 @@ def command_options() -> set[str]:
 
     from accelerate.commands.launch import launch_command_parser
 
-    from finetune.config import build_parser
+    from finetune.training.config import build_parser
 
     options = {o for action in build_parser()._actions for o in action.option_strings}
     options |= {o for action in launch_command_parser()._actions for o in action.option_strings}

@@ -106,7 +106,7 @@ def write_beir(folder, records):
 def test_standalone_command_on_seed_file_and_beir_folder(tiny_bert, tmp_path, capsys):
     from conftest import make_records, write_jsonl
     from finetune.evaluate import __main__ as evaluate
-    from finetune.modeling import EmbeddingModel
+    from finetune.model.embedding_model import EmbeddingModel
 
     records = make_records(12, seed=5)
     seed_file = write_jsonl(tmp_path / "val.jsonl", records)
@@ -238,7 +238,7 @@ def test_matryoshka_metrics_rank_prefixes_by_the_model_similarity(similarity):
     similarity: re-normalised prefixes for cosine, the raw prefixes for dot."""
     from conftest import make_records
     from finetune.retrieval.evaluation import RetrievalEvaluator
-    from finetune.text import TextSide
+    from finetune.data.text import TextSide
 
     dataset = retrieval_set_from_records(make_records(30, num_negatives=3, seed=21))
     model = TableModel(list(dataset.queries.values()) + list(dataset.corpus.values()), similarity)

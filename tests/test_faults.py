@@ -18,7 +18,7 @@ from safetensors.torch import load_file
 
 from conftest import ROOT
 from finetune import train
-from finetune.checkpointing import CHECKPOINT_COMPLETE, CheckpointWriteError, last_complete_checkpoint
+from finetune.training.checkpointing import CHECKPOINT_COMPLETE, CheckpointWriteError, last_complete_checkpoint
 
 
 def run_args(model, data, output_dir, max_steps=20):
@@ -146,8 +146,8 @@ def test_a_process_killed_mid_step_stops_the_run_and_the_same_command_resumes(ti
 
 def test_a_collective_broken_by_a_dead_peer_becomes_a_clear_error(tmp_path):
     """What a surviving process says: another process stopped, rerun the same command, resumed from where."""
-    from finetune.checkpointing import mark_checkpoint_complete
-    from finetune.distributed import PeerProcessError, peer_failure_message
+    from finetune.training.checkpointing import mark_checkpoint_complete
+    from finetune.training.distributed import PeerProcessError, peer_failure_message
 
     (tmp_path / "checkpoint-10").mkdir()
     mark_checkpoint_complete(str(tmp_path / "checkpoint-10"), 10)
@@ -169,7 +169,7 @@ def test_old_checkpoints_are_rotated_out_only_after_the_new_one_is_complete(tiny
                                                                              monkeypatch):
     """save_total_limit=1: a run stopped after checkpoint-20 was written but before it was marked complete must
     still have checkpoint-10 (the Trainer alone would have deleted it before the marker)."""
-    from finetune import checkpointing
+    from finetune.training import checkpointing
 
     output_dir = tmp_path / "out"
     real_mark = checkpointing.mark_checkpoint_complete

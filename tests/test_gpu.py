@@ -19,8 +19,9 @@ import pytest
 import torch
 
 from conftest import ROOT, build_tiny_bert, build_tiny_decoder, make_records, write_jsonl
-from finetune import attention_kernels, packing
-from finetune.modeling import EmbeddingModel
+from finetune.model import attention_kernels
+from finetune.model import packing
+from finetune.model.embedding_model import EmbeddingModel
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="the GPU lane needs CUDA")]
 
@@ -81,7 +82,7 @@ def test_padding_free_bf16_forward_and_gradients_equal_padded(case, kernel, gpu_
         if isinstance(module, torch.nn.Dropout):
             module.p = 0.0
     padded = copy.deepcopy(reference)
-    with caplog.at_level(logging.INFO, logger="finetune.packing"):
+    with caplog.at_level(logging.INFO, logger="finetune.model.packing"):
         packed = EmbeddingModel.from_pretrained(path, attention=attention, padding_free=True,
                                                 attention_kernel=kernel).cuda().train()
         packed.load_state_dict(reference.state_dict())
@@ -137,8 +138,8 @@ def test_fp32_on_cuda_encodes_length_grouped_padded_sub_batches(gpu_bert, caplog
     packed = EmbeddingModel.from_pretrained(gpu_bert, padding_free=True).cuda().eval()
     batch = packed.tokenizer(texts(), padding=True, return_tensors="pt").to("cuda")
     calls = []
-    monkeypatch.setattr("finetune.modeling.encode_packed", lambda *args: calls.append(1) or packing.encode_packed(*args))
-    with caplog.at_level(logging.WARNING, logger="finetune.modeling"), torch.no_grad():
+    monkeypatch.setattr("finetune.model.embedding_model.encode_packed", lambda *args: calls.append(1) or packing.encode_packed(*args))
+    with caplog.at_level(logging.WARNING, logger="finetune.model.embedding_model"), torch.no_grad():
         result = packed(batch["input_ids"], batch["attention_mask"])
         reference = padded(batch["input_ids"], batch["attention_mask"])
     assert not calls

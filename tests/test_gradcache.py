@@ -6,8 +6,8 @@ import pytest
 import torch
 
 from conftest import make_trainer
-from finetune.gradcache import backward_through_chunks, embed_without_graph
-from finetune.modeling import EmbeddingModel
+from finetune.training.gradcache import backward_through_chunks, embed_without_graph
+from finetune.model.embedding_model import EmbeddingModel
 
 
 def gradients(model):
@@ -87,7 +87,8 @@ def test_a_skipped_step_moves_the_optimizer_as_the_plain_skipped_step(tiny_bert_
 
     from safetensors.torch import load_file
 
-    from finetune import objectives, train
+    from finetune.objectives import builtin as objectives
+    from finetune import train
 
     real_loss, calls = objectives.ranking_loss, {"n": 0}
 

@@ -21,7 +21,7 @@ from sentence_transformers import SentenceTransformer
 
 from conftest import make_records, write_jsonl
 from finetune import train
-from finetune.hub import HubPushError, model_files
+from finetune.publishing.hub import HubPushError, model_files
 from hub_stub import start_hub_stub
 
 ROOT = Path(__file__).resolve().parent.parent

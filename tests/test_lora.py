@@ -14,8 +14,8 @@ from safetensors.torch import load_file
 
 from conftest import launch_two_processes
 from finetune import train
-from finetune.lora import LoraSettings, merge_lora_weights
-from finetune.modeling import EmbeddingModel
+from finetune.model.lora import LoraSettings, merge_lora_weights
+from finetune.model.embedding_model import EmbeddingModel
 
 ROOT = Path(__file__).resolve().parent.parent
 TEXTS = ["alpha beta gamma river", "python function returns list", "query document passage"]
@@ -73,7 +73,7 @@ def test_two_processes_equal_one_process_with_lora(tiny_bert_without_dropout, tr
 
 
 def test_lora_options_are_checked():
-    from finetune.config import ConfigError, parse_arguments
+    from finetune.training.config import ConfigError, parse_arguments
 
     with pytest.raises(ConfigError, match="--lora_r must be >= 1"):
         parse_arguments(["--use_cpu", "true", "--lora_r", "0"])
@@ -153,7 +153,7 @@ def test_adapter_only_folder_loads_in_sentence_transformers_on_its_base(model, t
 
 
 def test_sharding_engines_refuse_only_what_does_not_work():
-    from finetune.distributed import check_sharding_support
+    from finetune.training.distributed import check_sharding_support
 
     check_sharding_support(gradcache=False, lora=True, fsdp=False)  # run in tests/test_deepspeed.py
     with pytest.raises(ValueError, match="--lora_r is not supported with FSDP"):

@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from finetune.losses import ranking_loss, ranking_scores
+from finetune.objectives.losses import ranking_loss, ranking_scores
 
 
 def unit(*rows):

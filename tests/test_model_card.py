@@ -12,11 +12,11 @@ from sentence_transformers import SentenceTransformer
 
 from conftest import make_records, write_jsonl
 from finetune import train
-from finetune.arguments import HUB_MINILM, default_model_path
-from finetune.lora import LoraSettings
-from finetune.model_card import hub_repo_id, write_model_card
-from finetune.modeling import EmbeddingModel
-from finetune.sharing import _base_model_id
+from finetune.training.arguments import HUB_MINILM, default_model_path
+from finetune.model.lora import LoraSettings
+from finetune.publishing.model_card import hub_repo_id, write_model_card
+from finetune.model.embedding_model import EmbeddingModel
+from finetune.publishing.sharing import _base_model_id
 
 REQUIRED_TAGS = {"sentence-transformers", "sentence-similarity", "feature-extraction"}
 

@@ -11,7 +11,7 @@ from safetensors.torch import load_file
 
 from conftest import launch_two_processes, make_records, make_trainer, write_jsonl
 from finetune import train
-from finetune.schema import DataFormatError
+from finetune.data.schema import DataFormatError
 
 ROOT = Path(__file__).resolve().parent.parent
 ALL_DIRECTIONS = "query_to_doc,doc_to_query,query_to_query,doc_to_doc"
@@ -118,7 +118,7 @@ def test_distillation_without_scores_fails_before_the_model_loads(tmp_path):
 
 
 def test_matryoshka_dims_larger_than_the_model_are_refused(tiny_bert, train_file, tmp_path):
-    from finetune.config import ConfigError
+    from finetune.training.config import ConfigError
 
     with pytest.raises(ConfigError, match=r"--matryoshka_dims \[64\] exceed the model's embedding size 32"):
         train.main(run_args(tiny_bert, train_file, tmp_path / "out", "--matryoshka_dims", "64,16", "--max_steps", "1"))

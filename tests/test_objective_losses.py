@@ -6,11 +6,12 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from finetune.config import parse_arguments
-from finetune.losses import (direction_scores, kl_distillation_loss, margin_mse_loss, own_candidate_scores,
-                             own_teacher_scores, ranking_loss)
-from finetune.objectives import (DistillationObjective, EmbeddedBatch, MatryoshkaObjective, RankingObjective,
-                                 WeightedSum, build_objective)
+from finetune.training.config import parse_arguments
+from finetune.objectives.losses import (direction_scores, kl_distillation_loss, margin_mse_loss,
+                                        own_candidate_scores, own_teacher_scores, ranking_loss)
+from finetune.objectives.builtin import (DistillationObjective, MatryoshkaObjective, RankingObjective, WeightedSum,
+                                         build_objective)
+from finetune.objectives.base import EmbeddedBatch
 
 B, K, D = 3, 2, 5
 
@@ -28,7 +29,7 @@ def tensors(seed=0, shards=1):
 
 
 def own_docs(docs, shard, i):
-    """Query i's positive and own negatives in the layout of finetune/losses.py (block of its shard)."""
+    """Query i's positive and own negatives in the layout of finetune/objectives/losses.py (block of its shard)."""
     base = shard * B * (1 + K)
     return [docs[base + i]] + [docs[base + B + i * K + n] for n in range(K)]
 
@@ -200,7 +201,7 @@ def test_build_objective_from_arguments(tmp_path):
     (["--teacher_temperature", "0"], "--teacher_temperature must be > 0"),
 ])
 def test_bad_objective_options(flags, message):
-    from finetune.config import ConfigError
+    from finetune.training.config import ConfigError
 
     with pytest.raises(ConfigError, match=message):
         parse_arguments(["--use_cpu", "true", *flags])

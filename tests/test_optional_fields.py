@@ -8,8 +8,9 @@ import torch
 
 from conftest import make_records, write_jsonl
 from data_prep.records import merge_records
-from finetune.data import TripletCollator, TripletDataset, load_raw_dataset, tokenize_dataset
-from finetune.schema import DataFormatError, check_record, normalize_record, read_records
+from finetune.data.examples import TripletCollator, TripletDataset
+from finetune.data.columns import load_raw_dataset, tokenize_dataset
+from finetune.data.schema import DataFormatError, check_record, normalize_record, read_records
 
 GOOD = {"question": "q", "pos_doc": ["p"], "neg_doc": ["n1", "n2"], "pos_scores": [7.1], "neg_scores": [2.3, -0.4]}
 

@@ -1,11 +1,12 @@
-"""Out of GPU memory in a step (finetune.out_of_memory) and --bf16 on a GPU without bf16: clear errors, nothing lost."""
+"""Out of GPU memory in a step (finetune.training.out_of_memory) and --bf16 on a GPU without bf16: clear errors, nothing lost."""
 
 import pytest
 import torch
 
-from finetune import out_of_memory, train
-from finetune.arguments import check_precision_support
-from finetune.trainer import EmbeddingTrainer
+from finetune.training import out_of_memory
+from finetune import train
+from finetune.training.arguments import check_precision_support
+from finetune.training.trainer import EmbeddingTrainer
 from test_train import run_args
 
 

@@ -1,4 +1,4 @@
-"""Padding-free encoding (finetune.packing) against the encoder's own padded forward."""
+"""Padding-free encoding (finetune.model.packing) against the encoder's own padded forward."""
 
 import copy
 
@@ -6,9 +6,9 @@ import pytest
 import torch
 from transformers import BertConfig, BertModel, RobertaConfig, RobertaModel
 
-from finetune import packing
-from finetune.modeling import EmbeddingModel
-from finetune.packing import enable_padding_free
+from finetune.model import packing
+from finetune.model.embedding_model import EmbeddingModel
+from finetune.model.packing import enable_padding_free
 
 
 def random_batch(batch_size=11, seq_len=17, vocab=200, seed=0, padding_side="right"):
@@ -110,7 +110,7 @@ def test_a_disagreeing_packed_forward_is_refused(monkeypatch, caplog):
     def broken(*args, **kwargs):
         return real_encode(*args, **kwargs) + 1.0
 
-    monkeypatch.setattr("finetune.packing.encode_packed", broken)
+    monkeypatch.setattr("finetune.model.packing.encode_packed", broken)
     assert enable_padding_free(encoder) is None
     assert encoder.config._attn_implementation == original
     assert "disagrees" in caplog.text
@@ -248,7 +248,7 @@ def reference_varlen(q, k, v, *, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_s
 def use_stand_in_kernel(monkeypatch, name, **functions):
     """Make ``name`` the kernel ``attention_kernels.attend`` picks on this CPU, with stand-in library functions
     (``flash_attn_function=``, ``torch_varlen_function=``) for the ones that need CUDA."""
-    from finetune import attention_kernels
+    from finetune.model import attention_kernels
 
     attention_kernels.reset()
     monkeypatch.setattr(attention_kernels, "candidates", lambda device: (name,))

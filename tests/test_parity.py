@@ -7,7 +7,7 @@ import torch
 from sentence_transformers import SentenceTransformer
 
 from finetune import train
-from finetune.modeling import EmbeddingModel
+from finetune.model.embedding_model import EmbeddingModel
 
 QUERIES = ["alpha beta gamma", "python function returns list of tokens", "river"]
 DOCUMENTS = ["mountain forest ocean desert valley city", "query document passage answer", "omega"]
@@ -53,7 +53,7 @@ def test_trained_output_and_checkpoint_match_sentence_transformers(tiny_bert, tr
 
 
 def test_packaged_minilm_matches_sentence_transformers():
-    from finetune.arguments import default_model_path
+    from finetune.training.arguments import default_model_path
 
     path = default_model_path()
     model = EmbeddingModel.from_pretrained(path)

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from finetune.pooling import pool
+from finetune.model.pooling import pool
 
 TOKENS = torch.tensor([[[1.0, 2.0], [3.0, 4.0], [100.0, 100.0]],
                        [[5.0, 6.0], [100.0, 100.0], [100.0, 100.0]]])  # (B=2, T=3, D=2), 100 = padding

@@ -4,8 +4,8 @@ import pytest
 import torch
 
 from finetune import train
-from finetune.arguments import EXAMPLE_VALIDATION_FILE, default_model_path
-from finetune.config import DEFAULT_RECIPE
+from finetune.training.arguments import EXAMPLE_VALIDATION_FILE, default_model_path
+from finetune.training.config import DEFAULT_RECIPE
 from finetune.retrieval.evaluation import evaluate_model
 from finetune.retrieval.sets import load_retrieval_set
 

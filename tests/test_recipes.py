@@ -8,7 +8,7 @@ import pytest
 
 from conftest import make_records, write_jsonl
 from finetune import train
-from finetune.config import parse_arguments
+from finetune.training.config import parse_arguments
 
 ROOT = Path(__file__).resolve().parent.parent
 RECIPES = sorted((ROOT / "finetune" / "recipes").glob("*.yaml"))

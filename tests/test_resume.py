@@ -61,7 +61,7 @@ def test_checkpoint_without_completion_marker_is_skipped(tiny_bert, train_file, 
 
 
 def test_final_save_moves_modules_json_last(tmp_path):
-    from finetune.checkpointing import move_into_place
+    from finetune.training.checkpointing import move_into_place
 
     staging, output = tmp_path / "out" / ".saving", tmp_path / "out"
     (staging / "1_Pooling").mkdir(parents=True)
@@ -84,7 +84,7 @@ def test_final_save_moves_modules_json_last(tmp_path):
 def test_the_last_complete_checkpoint_is_chosen_by_step_number(tmp_path):
     """checkpoint-10 comes after checkpoint-9 (by name, or by modification time here, it would come before it); an
     incomplete newer one is skipped, and so is a folder that only looks like a checkpoint."""
-    from finetune.checkpointing import CHECKPOINT_COMPLETE, last_complete_checkpoint
+    from finetune.training.checkpointing import CHECKPOINT_COMPLETE, last_complete_checkpoint
 
     for age, step in enumerate((2, 10, 100, 9)):  # checkpoint-9 has the newest modification time
         (tmp_path / f"checkpoint-{step}").mkdir()

@@ -7,10 +7,11 @@ from safetensors.torch import load_file
 
 from conftest import make_records, make_trainer, write_jsonl
 from finetune import train
-from finetune.config import parse_arguments
-from finetune.data import LengthGroupedEpochSampler, TripletDataset
-from finetune.losses import ranking_loss
-from finetune.modeling import EmbeddingModel
+from finetune.training.config import parse_arguments
+from finetune.data.samplers import LengthGroupedEpochSampler
+from finetune.data.examples import TripletDataset
+from finetune.objectives.losses import ranking_loss
+from finetune.model.embedding_model import EmbeddingModel
 
 
 # --- 1. GradCache with gradient accumulation -------------------------------------------------------------------
@@ -86,7 +87,7 @@ BLOCK = B * (1 + K)
 
 
 def reference_loss(query_emb, doc_emb, doc_keys, scale, mode, shard_index):
-    """The loss with explicit loops over the global layout of finetune/losses.py (float64)."""
+    """The loss with explicit loops over the global layout of finetune/objectives/losses.py (float64)."""
     keys = doc_keys.tolist()
     total = 0.0
     for i in range(B):
@@ -151,7 +152,7 @@ def test_ranking_loss_with_shards_matches_a_hand_reference(mode, shard_index, du
 @pytest.mark.parametrize("data_seed, expected_seed", [("7", 7), (None, 1)], ids=["data_seed_7", "data_seed_unset"])
 def test_negative_sampling_uses_data_seed(tiny_bert, tmp_path, data_seed, expected_seed):
     """The training TripletDataset draws its positives/negatives with --data_seed when given (as the sampler
-    does, finetune.trainer._get_train_sampler), else with --seed."""
+    does, finetune.training.trainer._get_train_sampler), else with --seed."""
     train_file = write_jsonl(tmp_path / "train.jsonl", make_records(12, num_negatives=8, seed=5))
     argv = ["--model_name_or_path", tiny_bert, "--train_file", train_file, "--output_dir", str(tmp_path / "out"),
             "--num_hard_negatives", "2", "--use_cpu", "true", "--report_to", "none", "--seed", "1"]

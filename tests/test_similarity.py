@@ -6,8 +6,8 @@ import torch
 from conftest import make_records
 from finetune.retrieval.evaluation import RetrievalEvaluator, evaluate_model, evaluate_retrieval
 from finetune.retrieval.sets import RetrievalSet, retrieval_set_from_records
-from finetune.modeling import EmbeddingModel
-from finetune.text import TextSide
+from finetune.model.embedding_model import EmbeddingModel
+from finetune.data.text import TextSide
 
 # One query; "good" points the query's way (cosine 1, dot 1); "long" is a longer vector at 45 degrees
 # (cosine 0.71, dot 3): cosine ranks "good" first, a raw dot product "long".

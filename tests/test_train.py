@@ -8,8 +8,8 @@ import torch
 from safetensors.torch import load_file
 
 from finetune import train
-from finetune.config import ConfigError
-from finetune.modeling import EmbeddingModel
+from finetune.training.config import ConfigError
+from finetune.model.embedding_model import EmbeddingModel
 
 TEXTS = ["alpha beta gamma river", "python function returns list", "query document passage"]
 
@@ -70,7 +70,7 @@ def test_bad_data_stops_before_the_model_loads(tiny_bert, tmp_path, monkeypatch)
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"question": "q", "pos_doc": []}\n', encoding="utf-8")
     monkeypatch.setattr(EmbeddingModel, "from_pretrained", lambda *a, **k: pytest.fail("model loaded"))
-    from finetune.schema import DataFormatError
+    from finetune.data.schema import DataFormatError
     with pytest.raises(DataFormatError, match="line 1, field 'pos_doc'"):
         train.main(run_args(tiny_bert, str(bad), tmp_path / "out", "--max_steps", "1"))
 

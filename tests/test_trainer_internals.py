@@ -1,4 +1,4 @@
-"""Each transformers/accelerate internal listed in finetune.trainer_internals still exists and means what we use it
+"""Each transformers/accelerate internal listed in finetune.training.trainer_internals still exists and means what we use it
 for in the installed versions: an upgrade that changes one fails here, naming it."""
 
 import importlib
@@ -8,7 +8,7 @@ import pytest
 import torch
 from transformers import Trainer
 
-from finetune.trainer_internals import TRAINER_INTERNALS
+from finetune.training.trainer_internals import TRAINER_INTERNALS
 
 METHODS = [entry for entry in TRAINER_INTERNALS if entry.uses.startswith("Trainer.")]
 
@@ -41,8 +41,8 @@ def test_each_trainer_method_we_override_still_exists_with_our_parameters(entry)
 
 def test_every_private_trainer_override_is_listed():
     """A new private override in the trainer or the Hub mixin must join the list (with its reason)."""
-    from finetune.hub import SentenceTransformerHubMixin
-    from finetune.trainer import EmbeddingTrainer
+    from finetune.publishing.hub import SentenceTransformerHubMixin
+    from finetune.training.trainer import EmbeddingTrainer
 
     listed = {entry.where.rsplit(".", 1)[1] for entry in METHODS}
     for cls in (EmbeddingTrainer, SentenceTransformerHubMixin):
@@ -61,11 +61,11 @@ def test_the_checkpoint_rotation_we_hold_back_is_the_one_save_total_limit_drives
 
 
 def test_our_sampler_is_found_under_accelerates_wrappers_of_a_resumed_epoch():
-    """accelerate's shard and skip wrappers still expose the sampler they wrap (finetune.data.epoch_sampler_of)."""
+    """accelerate's shard and skip wrappers still expose the sampler they wrap (finetune.data.samplers.epoch_sampler_of)."""
     from accelerate.data_loader import prepare_data_loader, skip_first_batches
     from torch.utils.data import DataLoader
 
-    from finetune.data import EpochShuffleSampler, epoch_sampler_of
+    from finetune.data.samplers import EpochShuffleSampler, epoch_sampler_of
 
     sampler = EpochShuffleSampler(16, seed=1)
     loader = DataLoader(list(range(16)), batch_size=2, sampler=sampler, collate_fn=lambda batch: batch)

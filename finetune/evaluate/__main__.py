@@ -30,8 +30,8 @@ import os
 import sys
 import tempfile
 
-from finetune.checkpointing import write_json_atomic
-from finetune.distributed import end_process_group
+from finetune.training.checkpointing import write_json_atomic
+from finetune.training.distributed import end_process_group
 from finetune.retrieval.evaluation import METRIC_NAMES, evaluate_model
 from finetune.retrieval.sets import load_retrieval_set
 from finetune.retrieval.work_parts import fingerprint

@@ -13,7 +13,7 @@ import torch
 
 from finetune.retrieval.similarity import ranking_similarity
 from finetune.retrieval.work_parts import path_identity
-from finetune.text import TextSide
+from finetune.data.text import TextSide
 
 logger = logging.getLogger("finetune.retrieval.embedder")
 
@@ -49,12 +49,12 @@ def load_embedder(model_name_or_path: str, *, device: torch.device, max_seq_leng
     ``batch_size``: default the training's evaluation batch size (so the metrics equal the training's final
     evaluation to float precision), else 64.
     """
-    from finetune.modeling import EmbeddingModel, ModelLoadError
-    from finetune.st_layout import read_sentence_transformer_config
+    from finetune.model.embedding_model import EmbeddingModel, ModelLoadError
+    from finetune.model.st_layout import read_sentence_transformer_config
 
     run = _training_run(model_name_or_path)
     if batch_size is None and run:
-        from finetune.arguments import EmbeddingTrainingArguments
+        from finetune.training.arguments import EmbeddingTrainingArguments
 
         batch_size = run.get("per_device_eval_batch_size") or run.get("non_default_options", {}).get(
             "per_device_eval_batch_size") or EmbeddingTrainingArguments.__dataclass_fields__[
@@ -92,13 +92,13 @@ def load_embedder(model_name_or_path: str, *, device: torch.device, max_seq_leng
 
 def load_sentence_transformer(model_name_or_path: str, truncate_dim: int | None = None, device: str | None = None):
     """``SentenceTransformer(model_name_or_path)`` on ``device`` (default: cuda when available); a raw decoder LLM
-    folder or id (no SentenceTransformer files) gets what training gives it (``finetune.decoders``: EOS appended,
+    folder or id (no SentenceTransformer files) gets what training gives it (``finetune.model.decoders``: EOS appended,
     left padding, last-token pooling, normalised) instead of sentence-transformers' default mean pooling."""
     from sentence_transformers import SentenceTransformer
     from transformers import AutoConfig
 
-    from finetune.decoders import is_decoder, prepare_decoder_tokenizer
-    from finetune.st_layout import read_sentence_transformer_config
+    from finetune.model.decoders import is_decoder, prepare_decoder_tokenizer
+    from finetune.model.st_layout import read_sentence_transformer_config
 
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     if read_sentence_transformer_config(model_name_or_path).pooling is None:

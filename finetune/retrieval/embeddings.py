@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from finetune.checkpointing import atomic_write
+from finetune.training.checkpointing import atomic_write
 from finetune.retrieval.work_parts import PartsFolder
 
 logger = logging.getLogger("finetune.retrieval.embeddings")
@@ -70,7 +70,7 @@ def encode_in_memory(encode: Encode, texts: list[str], *, unit_size: int, batch_
     """
     import torch.distributed as dist
 
-    from finetune.distributed import world
+    from finetune.training.distributed import world
 
     batches = unit_batches(texts, unit_size, batch_size)
     if not batches:

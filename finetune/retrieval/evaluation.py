@@ -32,7 +32,7 @@ from finetune.retrieval.search import (SearchedBlock, ShardOptions, encode_corpu
 from finetune.retrieval.sets import Qrels, RetrievalSet
 from finetune.retrieval.similarity import similarity_transform
 from finetune.retrieval.work_parts import process_state
-from finetune.text import TextSide
+from finetune.data.text import TextSide
 
 __all__ = ["METRIC_NAMES", "RetrievalEvaluator", "MultiRetrievalEvaluator", "evaluate_model", "evaluate_retrieval"]
 logger = logging.getLogger("finetune.retrieval.evaluation")
@@ -170,7 +170,7 @@ def score_embeddings(query_emb: torch.Tensor, corpus_emb, query_ids: list[str], 
 class RetrievalEvaluator:
     """Retrieval metrics of the model being trained on a fixed :class:`RetrievalSet` (sentence-transformers' ``evaluator=``).
 
-    Texts are tokenized as in training (``query``/``document`` sides, ``finetune.text``), encoded in the batches
+    Texts are tokenized as in training (``query``/``document`` sides, ``finetune.data.text``), encoded in the batches
     of ``evaluate_retrieval`` (shared over the processes), and ranked by the model's similarity (cosine).
     """
 

@@ -29,7 +29,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from finetune.checkpointing import atomic_write
+from finetune.training.checkpointing import atomic_write
 from finetune.retrieval.embeddings import DTYPES, EmbeddingShards, Encode, encode_in_batches, encode_shards
 from finetune.retrieval.topk import topk_over_chunks
 from finetune.retrieval.work_parts import PartsFolder, fingerprint, texts_digest

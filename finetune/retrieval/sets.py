@@ -103,7 +103,7 @@ def read_corpus_file(path: str) -> list[str]:
 
 def load_retrieval_set(paths: list[str], split: str = "test", extra_corpus: list[str] | None = None) -> RetrievalSet:
     """A BEIR folder (one path that is a directory) or seed-format files/globs, plus extra corpus files."""
-    from finetune.schema import read_records
+    from finetune.data.schema import read_records
 
     if len(paths) == 1 and os.path.isdir(paths[0]):
         dataset = load_beir_folder(paths[0], split)

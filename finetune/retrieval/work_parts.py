@@ -20,7 +20,7 @@ import os
 import shutil
 from collections.abc import Iterable
 
-from finetune.checkpointing import write_json_atomic
+from finetune.training.checkpointing import write_json_atomic
 
 logger = logging.getLogger("finetune.retrieval.work_parts")
 

@@ -27,12 +27,12 @@ from pathlib import Path
 import jinja2
 import yaml
 
-from finetune.checkpointing import atomic_write, write_text_atomic
+from finetune.training.checkpointing import atomic_write, write_text_atomic
 
 CARD_FILE = "README.md"
 TRAINING_RUN_FILE = "training_run.json"
 RETRIEVAL_METRICS_FILE = "retrieval_metrics.json"
-TEMPLATE_DIR = Path(__file__).resolve().parent / "templates"
+TEMPLATE_DIR = Path(__file__).resolve().parent.parent / "templates"
 TEMPLATE_NAME = "model_card.md.j2"
 
 # Options that say where things ran or went, not how the model was trained; tokens never appear.
@@ -97,7 +97,7 @@ def save_training_run(output_dir: str, model_args, data_args, training_args, *, 
         "validation_files": [os.path.basename(path) for path in validation_files],
         "datasets": sorted({repo for path in [*train_files, *validation_files]
                             if (repo := hub_repo_id(path, "datasets")) is not None}),
-        # Blended training: each dataset with its instruction and what it gave (finetune.blend).
+        # Blended training: each dataset with its instruction and what it gave (finetune.data.blend).
         "train_datasets": [{"name": spec.name, "files": [os.path.basename(path) for path in spec.files],
                             "query_prefix": data_args.query_prefix if spec.query_prefix is None else spec.query_prefix,
                             "passage_prefix": (data_args.passage_prefix if spec.passage_prefix is None
@@ -119,7 +119,7 @@ def save_training_run(output_dir: str, model_args, data_args, training_args, *, 
         "per_device_eval_batch_size": training_args.per_device_eval_batch_size,  # finetune.evaluate's default
         "gradient_accumulation_steps": training_args.gradient_accumulation_steps,
         "world_size": world_size,
-        # Documents of all processes are candidates (finetune.losses) unless switched off.
+        # Documents of all processes are candidates (finetune.objectives.losses) unless switched off.
         "global_in_batch_negatives": bool(getattr(training_args, "global_in_batch_negatives", False)),
         "non_default_options": options,
         "tracking_url": tracking_url,

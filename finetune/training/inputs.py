@@ -3,19 +3,20 @@
 Two steps, so that every record is validated before the model loads: :func:`read_data` parses and
 validates every file (raw ``datasets`` per dataset spec, retrieval sets); :func:`build_training_data`
 tokenizes with the model's tokenizer. One training dataset gives a plain ``TripletDataset``; several
-give a ``finetune.blend.BlendedTripletDataset`` whose batches each hold one dataset.
+give a ``finetune.data.blend.BlendedTripletDataset`` whose batches each hold one dataset.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
-from finetune.blend import BlendedTripletDataset, DatasetSpec, blend_weights
-from finetune.config import ConfigError
-from finetune.data import TripletDataset, check_enough_negatives, check_teacher_scores, load_raw_dataset, tokenize_dataset
+from finetune.data.blend import BlendedTripletDataset, DatasetSpec, blend_weights
+from finetune.training.config import ConfigError
+from finetune.data.examples import TripletDataset
+from finetune.data.columns import check_enough_negatives, check_teacher_scores, load_raw_dataset, tokenize_dataset
 from finetune.retrieval.evaluation import MultiRetrievalEvaluator, RetrievalEvaluator
 from finetune.retrieval.sets import load_retrieval_set, retrieval_set_from_records, with_extra_corpus
-from finetune.objectives import DatasetDispatch, build_objective
+from finetune.objectives.builtin import DatasetDispatch, build_objective
 
 
 @dataclass

@@ -1,10 +1,10 @@
 """EmbeddingTrainer: a thin ``transformers.Trainer`` subclass.
 
-It encodes queries and documents, gathers the batch (``finetune.objectives.gather_batch``) and
-calls the objective; the rest is delegated: the GradCache step to ``finetune.gradcache``, saving
-and checkpoint markers to ``finetune.checkpointing``, retrieval metrics to the evaluator it is
-handed (``finetune.retrieval.evaluation.RetrievalEvaluator``), the sampler to ``finetune.data``, the
-non-finite checks and component logs to ``finetune.monitoring``.
+It encodes queries and documents, gathers the batch (``finetune.objectives.base.gather_batch``) and
+calls the objective; the rest is delegated: the GradCache step to ``finetune.training.gradcache``, saving
+and checkpoint markers to ``finetune.training.checkpointing``, retrieval metrics to the evaluator it is
+handed (``finetune.retrieval.evaluation.RetrievalEvaluator``), the sampler to ``finetune.data.samplers``, the
+non-finite checks and component logs to ``finetune.training.monitoring``.
 """
 
 from __future__ import annotations
@@ -13,18 +13,19 @@ from __future__ import annotations
 import torch
 from transformers import Trainer
 
-from finetune.checkpointing import save_checkpoint_safely, save_staged
-from finetune.data import SamplerEpochCallback, build_eval_sampler, build_train_sampler
-from finetune.distributed import check_sharding_support
-from finetune.gradcache import accelerator_chunk_hooks, cached_training_step
-from finetune.monitoring import ComponentMeter, NonFiniteError, NonFiniteGuard  # noqa: F401 (NonFiniteError: API)
-from finetune.objectives import Objective, batch_for_objective, build_objective
+from finetune.training.checkpointing import save_checkpoint_safely, save_staged
+from finetune.data.samplers import SamplerEpochCallback, build_eval_sampler, build_train_sampler
+from finetune.training.distributed import check_sharding_support
+from finetune.training.gradcache import accelerator_chunk_hooks, cached_training_step
+from finetune.training.monitoring import ComponentMeter, NonFiniteError, NonFiniteGuard  # noqa: F401 (NonFiniteError: API
+from finetune.objectives.base import Objective, batch_for_objective
+from finetune.objectives.builtin import build_objective
 
 
 class EmbeddingTrainer(Trainer):
-    """Trainer whose model is a ``finetune.modeling.EmbeddingModel`` and whose batches come from TripletCollator.
+    """Trainer whose model is a ``finetune.model.embedding_model.EmbeddingModel`` and whose batches come from TripletCollator.
 
-    ``objective``: the loss (default: built from the arguments, ``finetune.objectives.build_objective``).
+    ``objective``: the loss (default: built from the arguments, ``finetune.objectives.builtin.build_objective``).
     ``evaluator``: when given, every evaluation also calls it on the model and reports its metrics
     (``eval_ndcg@10``...) next to the validation loss, as sentence-transformers' ``evaluator=``.
     """
@@ -128,7 +129,7 @@ class EmbeddingTrainer(Trainer):
         return sampler if sampler is not None else super()._get_eval_sampler(eval_dataset)
 
     def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
-        """Write a SentenceTransformer folder, staged (``finetune.checkpointing.save_staged``).
+        """Write a SentenceTransformer folder, staged (``finetune.training.checkpointing.save_staged``).
 
         ``state_dict``: the full weights gathered by ZeRO-3/FSDP, if any.
         """

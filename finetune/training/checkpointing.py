@@ -25,7 +25,7 @@ import shutil
 import tempfile
 from collections.abc import Callable, Iterator
 
-logger = logging.getLogger("finetune.checkpointing")
+logger = logging.getLogger("finetune.training.checkpointing")
 
 CHECKPOINT_COMPLETE = "checkpoint_complete.json"  # written last: a checkpoint without it was cut short
 STAGING_FOLDER = ".saving"

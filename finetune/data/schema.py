@@ -3,7 +3,7 @@
 A record is ``{"question": str, "pos_doc": [str, ...], "neg_doc": [str, ...]}``: ``question``
 a non-empty string, ``pos_doc`` a non-empty list of non-empty strings, ``neg_doc`` a list of
 non-empty strings (may be empty, may be absent = empty). Files are JSON Lines or one JSON array,
-optionally gzip-compressed (``.gz``). Shared by ``finetune.data`` and ``data_prep``.
+optionally gzip-compressed (``.gz``). Shared by ``finetune.data.columns`` and ``data_prep``.
 
 Optional fields (``OPTIONAL_FIELDS``) are validated when present and carried through the
 pipeline; any other key is ignored. Today: teacher scores aligned with the document lists,

@@ -5,7 +5,7 @@
   the run (config, loss, learning rate and throughput are logged by that callback).
 - :func:`share`, once the model, metrics and trainer state are saved: closes the wandb run,
   writes ``training_run.json`` and the model card (main process only) and, with ``--push_to_hub``,
-  uploads the SentenceTransformer folder (``finetune.hub``).
+  uploads the SentenceTransformer folder (``finetune.publishing.hub``).
 """
 
 from __future__ import annotations
@@ -13,10 +13,10 @@ from __future__ import annotations
 import logging
 import os
 
-from finetune.hub import HubPushError
-from finetune.model_card import save_training_run, write_model_card
+from finetune.publishing.hub import HubPushError
+from finetune.publishing.model_card import save_training_run, write_model_card
 
-logger = logging.getLogger("finetune.sharing")
+logger = logging.getLogger("finetune.publishing.sharing")
 
 
 def configure_tracking(training_args) -> None:
@@ -42,7 +42,7 @@ def finish_tracking(training_args) -> str | None:
 
 def _base_model_id(model_name_or_path: str) -> str | None:
     """The Hub id of a base model known locally only by path: the packaged all-MiniLM-L6-v2."""
-    from finetune.arguments import HUB_MINILM, default_model_path
+    from finetune.training.arguments import HUB_MINILM, default_model_path
 
     packaged = default_model_path()
     if os.path.isdir(model_name_or_path) and os.path.isdir(packaged) and os.path.samefile(model_name_or_path, packaged):

@@ -5,7 +5,7 @@ every dense layer, although only ``N = sum(n_i)`` of them matter. Here the real 
 into one row ``(1, N)``; the encoder's own modules run unchanged on it (so DDP, DeepSpeed ZeRO,
 FSDP unit wrapping and gradient checkpointing see the usual module calls), and only the attention
 is swapped for ``packed_attention``, which hands the packed queries/keys/values and the sequence
-boundaries to a kernel (``finetune.attention_kernels``): on CUDA a fused variable-length kernel over
+boundaries to a kernel (``finetune.model.attention_kernels``): on CUDA a fused variable-length kernel over
 the whole pack (flash-attn's or PyTorch's varlen flash attention, FlexAttention with a document mask),
 on CPU SDPA per group of similar lengths. Results equal the padded forward up to float rounding;
 gradients too. Dropout draws different (equally distributed) masks.
@@ -33,9 +33,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from finetune.attention_kernels import attend, tolerance_for
+from finetune.model.attention_kernels import attend, tolerance_for
 
-logger = logging.getLogger("finetune.packing")
+logger = logging.getLogger("finetune.model.packing")
 
 PACKED_ATTENTION = "finetune_packed_sdpa"
 # model_type -> how the positions of real tokens are numbered: "row" = index in the padded row

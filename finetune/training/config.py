@@ -16,10 +16,10 @@ import torch
 import yaml
 from transformers import HfArgumentParser
 
-from finetune.arguments import DataArguments, EmbeddingTrainingArguments, ModelArguments
+from finetune.training.arguments import DataArguments, EmbeddingTrainingArguments, ModelArguments
 
 RECIPE_SUFFIXES = (".yaml", ".yml", ".json")
-DEFAULT_RECIPE = str(Path(__file__).resolve().parent / "recipes" / "example.yaml")
+DEFAULT_RECIPE = str(Path(__file__).resolve().parent.parent / "recipes" / "example.yaml")
 
 
 class ConfigError(ValueError):

@@ -25,7 +25,7 @@ import json
 from contextlib import contextmanager
 from pathlib import Path
 
-from finetune.model_card import CARD_FILE, DIMENSION_PLOT, write_model_card
+from finetune.publishing.model_card import CARD_FILE, DIMENSION_PLOT, write_model_card
 
 # Root files of a saved model: HF config and weights, tokenizer files (fast, sentencepiece, BPE,
 # WordPiece, tiktoken), remote-code modules that save_pretrained copies, and the ST files.
@@ -168,7 +168,7 @@ class SentenceTransformerHubMixin:
       so a missing token or permission fails before any training, with a HubPushError;
     - checkpoints are not pushed (the Trainer would upload the bare HF layout and training_args.bin);
     - ``save_model`` never pushes by itself; ``push_to_hub`` uploads the SentenceTransformer folder
-      and its card, once, when the caller has written everything (``finetune.sharing``).
+      and its card, once, when the caller has written everything (``finetune.publishing.sharing``).
     """
 
     def init_hf_repo(self, token: str | None = None, private: bool | None = None) -> None:

@@ -1,6 +1,6 @@
 """Command-line / recipe arguments: ModelArguments, DataArguments and EmbeddingTrainingArguments.
 
-Parsed by ``HfArgumentParser`` in ``finetune.config.parse_arguments`` (a second time with ``--eval_on_start true``
+Parsed by ``HfArgumentParser`` in ``finetune.training.config.parse_arguments`` (a second time with ``--eval_on_start true``
 put first when there is validation data, so that an explicit flag still wins). The help texts here are the one
 source of the options page (``scripts/generate_options_doc.py`` adds notes only to transformers' own options).
 Defaults run the bundled example: the packaged all-MiniLM-L6-v2 on ``data_prep/example_data``.
@@ -14,21 +14,21 @@ from pathlib import Path
 
 from transformers import TrainingArguments
 
-from finetune.attention_kernels import set_preference as set_kernel_preference
-from finetune.blend import SAMPLING_MODES, DatasetSpec, parse_dataset_specs
-from finetune.decoders import ATTENTION_MODES
-from finetune.distributed import GATHER_MODES
-from finetune.lora import LoraSettings
-from finetune.monitoring import ON_NON_FINITE
-from finetune.losses import DIRECTIONS, DISTILLATION_KINDS, NEGATIVE_MODES
-from finetune.pooling import POOLING_MODES
-from finetune.text import TextSide
+from finetune.model.attention_kernels import set_preference as set_kernel_preference
+from finetune.data.blend import SAMPLING_MODES, DatasetSpec, parse_dataset_specs
+from finetune.model.decoders import ATTENTION_MODES
+from finetune.training.distributed import GATHER_MODES
+from finetune.model.lora import LoraSettings
+from finetune.training.monitoring import ON_NON_FINITE
+from finetune.objectives.losses import DIRECTIONS, DISTILLATION_KINDS, NEGATIVE_MODES
+from finetune.model.pooling import POOLING_MODES
+from finetune.data.text import TextSide
 
-EXAMPLE_DATA_DIR = Path(__file__).resolve().parent.parent / "data_prep" / "example_data"
+EXAMPLE_DATA_DIR = Path(__file__).resolve().parents[2] / "data_prep" / "example_data"
 EXAMPLE_TRAIN_FILE = str(EXAMPLE_DATA_DIR / "train.jsonl.gz")
 EXAMPLE_VALIDATION_FILE = str(EXAMPLE_DATA_DIR / "validation.jsonl.gz")
 HUB_MINILM = "sentence-transformers/all-MiniLM-L6-v2"
-# transformers' --train_sampling_strategy values that our (epoch, index) samplers implement (finetune.data.build_train_sampler).
+# transformers' --train_sampling_strategy values that our (epoch, index) samplers implement (finetune.data.samplers.build_train_sampler).
 SAMPLING_STRATEGIES = ("random", "group_by_length", "sequential")
 
 
@@ -115,7 +115,7 @@ class ModelArguments:
 
     @property
     def lora(self) -> LoraSettings | None:
-        """The LoRA settings (``finetune.lora``), or None for a full fine-tune."""
+        """The LoRA settings (``finetune.model.lora``), or None for a full fine-tune."""
         if self.lora_r is None:
             return None
         alpha = self.lora_alpha if self.lora_alpha is not None else 2.0 * self.lora_r
@@ -219,7 +219,7 @@ class DataArguments:
 
     @property
     def query_side(self) -> TextSide:
-        """How questions are tokenized (``finetune.text``)."""
+        """How questions are tokenized (``finetune.data.text``)."""
         return TextSide(self.query_prefix, self.query_max_length)
 
     @property

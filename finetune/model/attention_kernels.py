@@ -30,7 +30,7 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
-logger = logging.getLogger("finetune.packing")
+logger = logging.getLogger("finetune.model.packing")
 
 KERNELS = ("auto", "flash_attn", "torch_varlen", "flex", "grouped_sdpa")
 FUSED_KERNELS = ("flash_attn", "torch_varlen", "flex")

@@ -1,6 +1,6 @@
 """The one text path: how a query or a document becomes tokens (prompt, truncation, tokenization).
 
-Training tokenization (``finetune.data``), ``EmbeddingModel.encode`` (evaluation during training,
+Training tokenization (``finetune.data.columns``), ``EmbeddingModel.encode`` (evaluation during training,
 ``data_prep.mine``) and ``data_prep.validate``'s token counts all go through :class:`TextSide`, so
 a text is cut and prefixed the same way everywhere. The two sides of a retrieval pair are the
 ``query`` and the ``document`` (the CLI keeps NeMo's word for the latter: ``--passage_prefix``,

@@ -14,7 +14,7 @@ from pathlib import Path
 
 from huggingface_hub import hf_hub_download
 
-from finetune.pooling import POOLING_MODES
+from finetune.model.pooling import POOLING_MODES
 
 QUERY_PROMPT_NAME = "query"
 DOCUMENT_PROMPT_NAME = "document"

@@ -15,7 +15,7 @@ import logging
 from tokenizers import processors
 from transformers import PreTrainedTokenizerBase
 
-logger = logging.getLogger("finetune.decoders")
+logger = logging.getLogger("finetune.model.decoders")
 
 DECODER_TYPES = ("qwen2", "qwen3", "llama", "mistral", "gemma", "gemma2", "gemma3_text", "phi3")
 

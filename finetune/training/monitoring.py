@@ -12,9 +12,9 @@ from collections import defaultdict
 import torch
 import torch.distributed as dist
 
-from finetune.distributed import world
+from finetune.training.distributed import world
 
-logger = logging.getLogger("finetune.trainer")
+logger = logging.getLogger("finetune.training.trainer")
 
 ON_NON_FINITE = ("stop", "skip")
 

@@ -13,15 +13,15 @@ import torch
 from torch import nn
 from transformers import AutoModel, AutoTokenizer, PreTrainedTokenizerBase
 
-from finetune.decoders import is_decoder, prepare_decoder_tokenizer, set_attention
-from finetune.lora import ADAPTER_FOLDER, LoraSettings, add_lora, load_adapter, merge_lora_weights, save_adapter
-from finetune import attention_kernels
-from finetune.packing import enable_padding_free, encode_length_grouped, encode_packed
-from finetune.pooling import pool
-from finetune.st_layout import read_sentence_transformer_config, write_sentence_transformer_files
-from finetune.text import TextSide
+from finetune.model.decoders import is_decoder, prepare_decoder_tokenizer, set_attention
+from finetune.model.lora import ADAPTER_FOLDER, LoraSettings, add_lora, load_adapter, merge_lora_weights, save_adapter
+from finetune.model import attention_kernels
+from finetune.model.packing import enable_padding_free, encode_length_grouped, encode_packed
+from finetune.model.pooling import pool
+from finetune.model.st_layout import read_sentence_transformer_config, write_sentence_transformer_files
+from finetune.data.text import TextSide
 
-logger = logging.getLogger("finetune.modeling")
+logger = logging.getLogger("finetune.model.embedding_model")
 
 
 def _load_encoder(model_name_or_path: str, subfolder: str, trust_remote_code: bool) -> nn.Module:
@@ -62,11 +62,11 @@ class EmbeddingModel(nn.Module):
 
     ``query_prefix``/``document_prefix`` and ``max_seq_length`` are only written on save (as the
     ``query``/``document`` prompts); the data pipeline applies prompts and truncation
-    (``finetune.text``) before tokens reach ``forward``. Similarity is cosine, as in training.
-    ``padding_free``: run the encoder on real tokens only (``finetune.packing``) when the model
+    (``finetune.data.text``) before tokens reach ``forward``. Similarity is cosine, as in training.
+    ``padding_free``: run the encoder on real tokens only (``finetune.model.packing``) when the model
     supports it; the embeddings are the same as with padded batches; ``attention_kernel`` picks its attention
-    kernel ('auto' or a name of ``finetune.attention_kernels.KERNELS``). ``lora``: train LoRA adapters
-    only (``finetune.lora``); saves fold them into plain weights.
+    kernel ('auto' or a name of ``finetune.model.attention_kernels.KERNELS``). ``lora``: train LoRA adapters
+    only (``finetune.model.lora``); saves fold them into plain weights.
     """
 
     def __init__(self, encoder: nn.Module, tokenizer: PreTrainedTokenizerBase, *, pooling: str, normalize: bool,
@@ -92,7 +92,7 @@ class EmbeddingModel(nn.Module):
         """Load an HF encoder or a SentenceTransformer; ``None`` options come from its ST config.
 
         Defaults for a plain HF encoder: mean pooling with normalisation; for a decoder LLM
-        (``finetune.decoders``): last-token pooling, EOS appended, left padding, normalisation, and
+        (``finetune.model.decoders``): last-token pooling, EOS appended, left padding, normalisation, and
         the checkpoint's own attention unless ``attention`` ("causal"/"bidirectional") says otherwise.
         """
         st = read_sentence_transformer_config(model_name_or_path)
@@ -116,7 +116,7 @@ class EmbeddingModel(nn.Module):
         set_attention(encoder.config, attention)  # before the padding-free check: it compares with this attention
         if decoder:
             try:
-                prepare_decoder_tokenizer(tokenizer)  # EOS appended, pad token, left padding (finetune.decoders)
+                prepare_decoder_tokenizer(tokenizer)  # EOS appended, pad token, left padding (finetune.model.decoders)
             except ValueError as error:
                 raise ModelLoadError(model_name_or_path, "a tokenizer unfit for a decoder embedder", error) from None
         pooling = pooling or st.pooling or ("lasttoken" if decoder else "mean")
@@ -197,7 +197,7 @@ class EmbeddingModel(nn.Module):
         """Write a complete SentenceTransformer folder: HF weights + tokenizer at the root, ST files around them.
 
         ``state_dict`` (keys as in ``self.state_dict()``) overrides the live weights, e.g. the
-        full weights gathered under ZeRO-3/FSDP. With LoRA, both forms are made from it (``finetune.lora``):
+        full weights gathered under ZeRO-3/FSDP. With LoRA, both forms are made from it (``finetune.model.lora``):
         merged plain weights + ``lora_adapter/``, or with ``save_adapter_only`` the adapter alone at the
         root (no config.json: transformers would take the folder for the base model).
         """
@@ -247,7 +247,7 @@ class EmbeddingModel(nn.Module):
                batch_size: int = 64) -> torch.Tensor:
         """Embed raw texts exactly as training does (prompt, truncation, pooling): (N, D) fp32 on CPU.
 
-        ``side`` says how texts are tokenized (``finetune.text``); without it, ``prefix`` and
+        ``side`` says how texts are tokenized (``finetune.data.text``); without it, ``prefix`` and
         ``max_length`` (default: the model's ``max_seq_length``) describe it.
         """
         side = side or TextSide(prefix, max_length or self.max_seq_length)

@@ -33,9 +33,9 @@ from dataclasses import dataclass, field, fields
 import numpy as np
 from torch.utils.data import Dataset, Sampler
 
-from finetune.losses import NEGATIVE_MODES
-from finetune.schema import expand_data_files
-from finetune.text import TextSide
+from finetune.objectives.losses import NEGATIVE_MODES
+from finetune.data.schema import expand_data_files
+from finetune.data.text import TextSide
 
 SAMPLING_MODES = ("proportional", "round_robin", "weighted")
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")

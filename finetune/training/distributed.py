@@ -13,7 +13,7 @@ from collections.abc import Iterator
 import torch
 import torch.distributed as dist
 
-logger = logging.getLogger("finetune.distributed")
+logger = logging.getLogger("finetune.training.distributed")
 # What gloo/NCCL say when the other end of a collective is gone (killed, out of memory, its machine lost).
 PEER_FAILURE_SIGNS = ("Connection closed by peer", "Connection reset by peer", "Broken pipe", "NCCL communicator was aborted",
                       "ProcessGroupNCCL", "Timed out", "timed out")
@@ -116,7 +116,7 @@ def peer_failure_message(output_dir: str, world_size: int) -> Iterator[None]:
     except RuntimeError as error:
         if world_size < 2 or not any(sign in str(error) for sign in PEER_FAILURE_SIGNS):
             raise
-        from finetune.checkpointing import last_complete_checkpoint
+        from finetune.training.checkpointing import last_complete_checkpoint
 
         last = last_complete_checkpoint(output_dir) if os.path.isdir(output_dir) else None
         message = (f"Another process of this run stopped or stopped answering ({str(error).strip().splitlines()[0][:200]}); "

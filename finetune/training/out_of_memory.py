@@ -13,7 +13,7 @@ from contextlib import contextmanager
 
 import torch
 
-from finetune.checkpointing import last_complete_checkpoint
+from finetune.training.checkpointing import last_complete_checkpoint
 
 _TRIED = re.compile(r"Tried to allocate ([\d.]+) (GiB|MiB|KiB)")
 _UNITS = {"GiB": 2**30, "MiB": 2**20, "KiB": 2**10}
