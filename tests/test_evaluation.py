@@ -44,6 +44,32 @@ def test_random_runs(seed):
     assert_same(tied, qrels, with_ties=True)
 
 
+def test_per_query_metrics_equal_pytrec_eval_query_by_query_and_average_to_compute_metrics_bit_for_bit():
+    from finetune.metrics.retrieval.retrieval import mean_metrics, query_metrics
+    from finetune.retrieval.evaluation import per_query_metrics, rank
+
+    rng = random.Random(11)
+    docs = [f"d{i}" for i in range(150)]
+    qrels = {f"q{q}": {d: rng.choice([1, 1, 2]) for d in rng.sample(docs, rng.randint(1, 5))} for q in range(40)}
+    qrels["q_none"] = {"d0": 0}
+    run = {qid: {d: rng.random() for d in rng.sample(docs, 120)} for qid in qrels}
+    ours = per_query_metrics(run, qrels)
+    assert list(ours) == sorted(qrels)
+    providers = ir_measures.providers.registry
+    theirs = {(m.query_id, m.measure): m.value for provider, names in
+              ((providers["pytrec_eval"], [n for n in REFERENCE if n != "mrr@10"]), (providers["msmarco"], ["mrr@10"]))
+              for m in provider.iter_calc([REFERENCE[n] for n in names], qrels, run)}
+    for qid, values in ours.items():
+        for name, value in values.items():
+            assert value == pytest.approx(theirs.get((qid, REFERENCE[name]), 0.0), abs=1e-9), (qid, name)
+    del run["q3"]  # a query missing from the run found nothing
+    assert per_query_metrics(run, qrels)["q3"] == {name: 0.0 for name in REFERENCE}
+    # compute_metrics is their mean in the same order: every float bit of the formula it had before.
+    before = mean_metrics([query_metrics(rank(run.get(qid, {})), relevant) for qid, relevant in sorted(qrels.items())])
+    assert compute_metrics(run, qrels) == before
+    assert compute_metrics(run, qrels) == mean_metrics(list(per_query_metrics(run, qrels).values()))
+
+
 def test_hand_made_edge_cases():
     qrels = {
         "tied": {"a": 1},  # relevant doc tied with others: trec_eval breaks ties by doc id, descending
@@ -119,7 +145,7 @@ def test_standalone_command_on_seed_file_and_beir_folder(tiny_bert, tmp_path, ca
                                "--output_json", str(output)])
     printed = capsys.readouterr().out
     assert "| ndcg@10" in printed and "difference" in printed
-    assert json.loads(output.read_text()).keys() == {str(model_a), str(model_b)}
+    assert json.loads(output.read_text()).keys() == {str(model_a), str(model_b), "comparisons"}
     from_beir = evaluate.main(["--model_name_or_path", str(model_a), "--data", str(tmp_path / "beir")])
     for name in ("ndcg@10", "mrr@10", "recall@10"):
         assert from_beir[str(model_a)][name] == pytest.approx(from_seed[str(model_a)][name], abs=1e-6)

@@ -137,6 +137,21 @@ def test_card_shows_a_saved_retrieval_comparison(run_dir, tiny_bert):
     assert values == {"ndcg_at_10": 0.75, "mrr_at_10": 0.625}
 
 
+def test_card_reads_past_the_comparisons_of_a_saved_retrieval_comparison(run_dir, tiny_bert):
+    """With two models the file also holds "comparisons" (paired differences): not a model, not a column."""
+    models = {tiny_bert: {"ndcg@10": 0.5, "seconds": 3.0}, str(run_dir): {"ndcg@10": 0.75, "seconds": 3.0}}
+    comparisons = {str(run_dir): {"baseline": tiny_bert, "metrics": {"ndcg@10": {"difference": 0.25, "p_value": 0.01}}}}
+    cards = []
+    try:
+        for content in (models, {**models, "comparisons": comparisons}):
+            (run_dir / "retrieval_metrics.json").write_text(json.dumps(content))
+            write_model_card(str(run_dir))
+            cards.append((run_dir / "README.md").read_text())
+    finally:
+        (run_dir / "retrieval_metrics.json").unlink()
+    assert "| nDCG@10 | 0.5000 | 0.7500 |" in cards[0] and cards[1] == cards[0]
+
+
 def test_card_without_evaluation_and_with_hub_ids(tiny_bert, tmp_path):
     cache = tmp_path / "hub" / "datasets--acme--qa-triplets" / "snapshots" / "abc123"
     cache.mkdir(parents=True)

@@ -1,6 +1,7 @@
 """Evaluate SentenceTransformer-loadable models on a retrieval set; compare several side by side.
 
     python -m finetune.evaluate --model_name_or_path M [M2 ...] --data PATH [--output_json FILE]
+        [--per_query_output FILE.jsonl] [--mteb_output_folder DIR]
     accelerate launch -m finetune.evaluate ...   # several processes (GPUs) share the encoding and the search
 
 PATH is a seed-format file/glob (queries = question, corpus = all pos_doc and neg_doc texts of the
@@ -14,6 +15,11 @@ float16 halves them), searched exactly one shard at a time; processes share the 
 query blocks to search, and the metrics equal one process's. A rerun after a kill redoes only what is
 missing. The stack is the one training evaluates with (finetune.retrieval): on a model we trained, with
 its defaults, the metrics equal the training's final evaluation.
+
+With several models, each later one is compared with the first over the same queries: the mean difference of
+each metric, a paired bootstrap interval and a sign-flip randomisation p-value (finetune.retrieval.significance),
+printed and written to --output_json under "comparisons". --per_query_output keeps every query's metrics;
+--mteb_output_folder writes MTEB result files (finetune.retrieval.mteb_results).
 
 This folder has no ``__init__.py`` on purpose: ``accelerate launch finetune/train.py`` puts
 ``finetune/`` first on ``sys.path``, and a module named ``evaluate`` there would shadow the
@@ -32,6 +38,8 @@ import tempfile
 
 from finetune.training.checkpointing import write_json_atomic
 from finetune.training.distributed import end_process_group
+from finetune.retrieval import mteb_results
+from finetune.retrieval.comparison import compare_to_first, format_comparisons, write_per_query
 from finetune.retrieval.evaluation import METRIC_NAMES, evaluate_model
 from finetune.retrieval.sets import load_retrieval_set
 from finetune.retrieval.work_parts import fingerprint
@@ -89,9 +97,36 @@ def main(argv: list[str] | None = None) -> dict:
                              "evaluation during training; float16 halves the disk and may reorder near-ties).")
     parser.add_argument("--keep_shards", action="store_true",
                         help="Keep --shard_dir after success (default: removed).")
+    parser.add_argument("--per_query_output", default=None,
+                        help="Also write every query's metrics to this JSON Lines file (.gz: compressed), one line "
+                             "per model and query: model, query_id, query, the metrics. Default: not written.")
+    parser.add_argument("--bootstrap_samples", type=int, default=10_000,
+                        help="With several models: resamples of the queries for the paired bootstrap interval of "
+                             "each difference (default 10000).")
+    parser.add_argument("--permutations", type=int, default=10_000,
+                        help="With several models: random sign flips for the paired randomisation test's p-value "
+                             "(default 10000; the smallest p it can give is 1 / (1 + this)).")
+    parser.add_argument("--confidence", type=float, default=0.95,
+                        help="With several models: the bootstrap interval's confidence level (default 0.95).")
+    parser.add_argument("--seed", type=int, default=0,
+                        help="With several models: seed of the bootstrap and the randomisation test; equal seeds, "
+                             "equal intervals and p-values (default 0).")
+    parser.add_argument("--mteb_output_folder", default=None,
+                        help="Also write each model's metrics as an MTEB result file, "
+                             "DIR/<model, '/' as '__'>/<task_name>.json (mteb not needed); with --mteb_tasks, mteb "
+                             "keeps its own result files there too. Default: not written.")
+    parser.add_argument("--task_name", default=None,
+                        help="Task name of the MTEB result files (default: the --data file or folder's base name "
+                             "without .jsonl/.json/.gz).")
+    parser.add_argument("--mteb_languages", nargs="+", default=["eng-Latn"],
+                        help="Languages (ISO 639-3 + script) recorded in the MTEB result files (default eng-Latn).")
+    parser.add_argument("--mteb_tasks", nargs="+", default=None,
+                        help="Also run these MTEB tasks (e.g. SciFact NFCorpus) on every model with the mteb package, "
+                             "which must be installed and may download their data. Default: none.")
     args = parser.parse_args(argv)
     if args.truncate_dim is not None and args.truncate_dim < 1:
         raise ValueError(f"--truncate_dim must be >= 1, got {args.truncate_dim}.")
+    task_name = check_report_options(args)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
 
     dataset = load_retrieval_set(args.data, split=args.split)
@@ -100,17 +135,56 @@ def main(argv: list[str] | None = None) -> dict:
     results = {name: evaluate_model(name, dataset, batch_size=args.batch_size, max_seq_length=args.max_seq_length,
                                     truncate_dim=args.truncate_dim, shard_dir=os.path.join(shard_dir, f"model-{index}"),
                                     shard_size=args.shard_size, query_block_size=args.query_block_size,
-                                    keep_shards=args.keep_shards, shard_dtype=args.shard_dtype)
+                                    keep_shards=args.keep_shards, shard_dtype=args.shard_dtype,
+                                    per_query=len(args.model_name_or_path) > 1 or bool(args.per_query_output))
                for index, name in enumerate(args.model_name_or_path)}
     if not all(results.values()):
         return {}  # not the main process: it printed and wrote nothing
     if os.path.isdir(shard_dir) and not os.listdir(shard_dir):
         os.rmdir(shard_dir)
+    per_query = {name: metrics.pop("per_query") for name, metrics in results.items() if "per_query" in metrics}
     print(format_table(results))
-    print(json.dumps(results, indent=2))
+    output = dict(results)
+    if len(results) > 1:  # a key that is no model: readers of this file skip it (finetune.publishing.model_card does)
+        output["comparisons"] = compare_to_first(per_query, samples=args.bootstrap_samples,
+                                                 permutations=args.permutations, confidence=args.confidence,
+                                                 seed=args.seed)
+        print(format_comparisons(output["comparisons"]))
+    print(json.dumps(output, indent=2))
     if args.output_json:
-        write_json_atomic(args.output_json, results, indent=2)
-    return results
+        write_json_atomic(args.output_json, output, indent=2)
+    if args.per_query_output:
+        write_per_query(args.per_query_output, per_query, dataset.queries)
+    if args.mteb_output_folder:
+        write_mteb_results(args, task_name, dataset, results)
+    if args.mteb_tasks:
+        for name in results:
+            for task, score in mteb_results.run_mteb_tasks(name, args.mteb_tasks, args.mteb_output_folder).items():
+                print(f"MTEB {task}: main score {score:.4f} ({name})")
+    return output
+
+
+def check_report_options(args) -> str | None:
+    """Refuse, before any encoding, options that would fail at the end; the MTEB task name, if files are asked for."""
+    for option in ("bootstrap_samples", "permutations"):
+        if getattr(args, option) < 1:
+            raise ValueError(f"--{option} must be >= 1, got {getattr(args, option)}.")
+    if not 0 < args.confidence < 1:
+        raise ValueError(f"--confidence must be between 0 and 1, got {args.confidence}.")
+    if args.mteb_tasks:
+        mteb_results.require_mteb()
+    if args.mteb_output_folder:
+        return args.task_name or mteb_results.default_task_name(args.data)
+    return None
+
+
+def write_mteb_results(args, task_name: str, dataset, results: dict[str, dict]) -> None:
+    """One MTEB result file per model (see finetune.retrieval.mteb_results)."""
+    revision = mteb_results.retrieval_set_digest(dataset)
+    for name, metrics in results.items():
+        result = mteb_results.mteb_result(metrics, task_name=task_name, split=args.split, dataset_revision=revision,
+                                          languages=args.mteb_languages)
+        logger.info("MTEB result file: %s", mteb_results.write_mteb_result(args.mteb_output_folder, name, result))
 
 
 def default_shard_dir(args) -> str:

@@ -210,7 +210,7 @@ def _evaluations(output_dir: Path, log_history: list[dict], base_model: str) -> 
     comparison = _read_json(output_dir / RETRIEVAL_METRICS_FILE)
     models, rows, this_model = [], [], None
     if isinstance(comparison, dict) and comparison:
-        models = list(comparison)
+        models = [name for name in comparison if name != "comparisons"]  # finetune.evaluate's paired statistics
         this_model = next((name for name in models if os.path.isdir(name) and os.path.samefile(name, output_dir)),
                           models[-1])
         metric_names = _ordered(name for name in comparison[models[0]] if not name.endswith(_NOT_METRICS))

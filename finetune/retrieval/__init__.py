@@ -9,4 +9,7 @@
     topk.py        exact top-k over chunks of a corpus, in bounded memory, with a fixed tie order
     search.py      query blocks searched over the shards (top-k plus the scores of chosen rows)
     evaluation.py  the metrics of a search; the in-training evaluator; evaluate_model for the command
+    significance.py  paired statistics of per-query values: bootstrap interval, sign-flip randomisation p-value
+    mteb_results.py  our metrics as MTEB result files; named MTEB tasks run with mteb, when installed
+    comparison.py  several models' per-query metrics: JSON Lines, each model against the first
 """

@@ -45,9 +45,14 @@ def rank(run_scores: dict[str, float]) -> list[str]:
     return [doc for doc, _ in sorted(run_scores.items(), key=lambda item: (item[1], item[0]), reverse=True)]
 
 
+def per_query_metrics(run: Run, qrels: Qrels) -> dict[str, dict[str, float]]:
+    """Every metric of each query of ``qrels``, in sorted query id order (one missing from ``run`` found nothing)."""
+    return {qid: query_metrics(rank(run.get(qid, {})), relevant) for qid, relevant in sorted(qrels.items())}
+
+
 def compute_metrics(run: Run, qrels: Qrels) -> dict[str, float]:
-    """Mean of every metric over all queries of ``qrels`` (one missing from ``run`` retrieved nothing)."""
-    return mean_metrics([query_metrics(rank(run.get(qid, {})), relevant) for qid, relevant in sorted(qrels.items())])
+    """Mean of every metric over all queries of ``qrels``: the mean of ``per_query_metrics``, summed in its order."""
+    return mean_metrics(list(per_query_metrics(run, qrels).values()))
 
 
 def search(query_emb: torch.Tensor, corpus_emb: torch.Tensor, query_ids: list[str], doc_ids: list[str],
@@ -104,9 +109,10 @@ def in_group_metrics(query_emb: torch.Tensor, corpus_emb: torch.Tensor, query_in
 
 
 def metrics_from_blocks(dataset: RetrievalSet, query_ids: list[str], doc_ids: list[str],
-                        blocks: Iterable[SearchedBlock]) -> dict[str, float]:
+                        blocks: Iterable[SearchedBlock], *, per_query: bool = False) -> dict:
     """METRIC_NAMES and the in-group metrics from the searched blocks of the queries (top-k rows and the scores of
-    the rows of ``in_group_rows``): the last step of both the in-memory and the on-disk evaluation."""
+    the rows of ``in_group_rows``): the last step of both the in-memory and the on-disk evaluation. ``per_query``
+    adds ``"per_query"``: query id -> METRIC_NAMES (``per_query_metrics``), whose means are the metrics."""
     group_rows = in_group_rows(dataset, {doc: row for row, doc in enumerate(doc_ids)})
     run: Run = {}
     row_scores: dict[str, np.ndarray] = {}
@@ -116,8 +122,11 @@ def metrics_from_blocks(dataset: RetrievalSet, query_ids: list[str], doc_ids: li
             run[qid] = {doc_ids[i]: s for i, s in zip(indices, scores)}
             if qid in group_rows:
                 row_scores[qid] = block.row_scores[offset]
-    metrics = compute_metrics(run, dataset.qrels)
+    values = per_query_metrics(run, dataset.qrels)
+    metrics: dict = mean_metrics(list(values.values()))  # compute_metrics, keeping the per-query values
     metrics.update(in_group_metrics_from_rows(dataset, row_scores))
+    if per_query:
+        metrics["per_query"] = values
     return metrics
 
 
@@ -217,7 +226,7 @@ class MultiRetrievalEvaluator:
 def evaluate_model(model_name_or_path: str, dataset: RetrievalSet, *, batch_size: int | None = None,
                    max_seq_length: int | None = None, truncate_dim: int | None = None, shard_dir: str | None = None,
                    shard_size: int = 50_000, query_block_size: int = 1024, keep_shards: bool = False,
-                   shard_dtype: str = "float32") -> dict:
+                   shard_dtype: str = "float32", per_query: bool = False) -> dict:
     """Retrieval metrics of any SentenceTransformer-loadable model (``load_embedder``), with its saved
     ``query``/``document`` prompts and its declared similarity; adds ``seconds``. ``truncate_dim``: evaluate the
     embeddings cut to that size.
@@ -227,7 +236,7 @@ def evaluate_model(model_name_or_path: str, dataset: RetrievalSet, *, batch_size
     removed afterwards unless ``keep_shards``. The batches, chunks and arithmetic are ``evaluate_retrieval``'s: with
     fp32 shards the metrics equal the in-memory evaluation during training. Under ``accelerate launch`` every
     process calls this with the same ``shard_dir`` and shares the work; the metrics come back on the main process,
-    ``{}`` on the others.
+    ``{}`` on the others. ``per_query`` adds ``"per_query"``: query id -> METRIC_NAMES (see ``metrics_from_blocks``).
     """
     state = process_state()
     if shard_dir is None:
@@ -238,7 +247,7 @@ def evaluate_model(model_name_or_path: str, dataset: RetrievalSet, *, batch_size
         with tempfile.TemporaryDirectory(prefix="finetune-evaluate-") as folder:
             return evaluate_model(model_name_or_path, dataset, batch_size=batch_size, max_seq_length=max_seq_length,
                                   truncate_dim=truncate_dim, shard_dir=folder, shard_size=shard_size,
-                                  query_block_size=query_block_size, shard_dtype=shard_dtype)
+                                  query_block_size=query_block_size, shard_dtype=shard_dtype, per_query=per_query)
     start = time.perf_counter()
     embedder = load_embedder(model_name_or_path, device=state.device, max_seq_length=max_seq_length,
                              batch_size=batch_size)
@@ -255,7 +264,8 @@ def evaluate_model(model_name_or_path: str, dataset: RetrievalSet, *, batch_size
                             transform=similarity_transform(embedder.similarity, truncate_dim))
     if not state.is_main_process:
         return {}
-    metrics = metrics_from_blocks(dataset, query_ids, doc_ids, read_blocks(blocks, options.query_block_size))
+    metrics = metrics_from_blocks(dataset, query_ids, doc_ids, read_blocks(blocks, options.query_block_size),
+                                  per_query=per_query)
     metrics["seconds"] = time.perf_counter() - start
     if not keep_shards:
         remove_parts(options)
