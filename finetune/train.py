@@ -1,4 +1,5 @@
-"""Fine-tune an embedding model with a multiple-negatives ranking loss on NeMo SBERT-format data.
+"""Fine-tune an embedding model with a multiple-negatives ranking loss on NeMo SBERT-format data, or a reranker
+(``--model_type cross-encoder``) on the same data.
 
 Launch (the default job fine-tunes the packaged all-MiniLM-L6-v2 on the bundled example data):
 
@@ -25,19 +26,25 @@ from finetune.data.examples import TripletCollator
 from finetune.training.distributed import (PeerProcessError, UnsupportedShardingError, check_sharding_support,
                                            end_process_group, fsdp_requested, peer_failure_message)
 from finetune.publishing.hub import HubPushError, SentenceTransformerHubMixin
+from finetune.model.cross_encoder import CrossEncoderModel
 from finetune.model.embedding_model import EmbeddingModel, ModelLoadError
 from finetune.training.monitoring import NonFiniteError
 from finetune.training.out_of_memory import TrainingOutOfMemoryError, explain_out_of_memory
 from finetune.data.schema import DataFormatError
 from finetune.publishing.sharing import configure_tracking, share
 from finetune.training.trainer import EmbeddingTrainer
-from finetune.training.inputs import build_training_data, read_data
+from finetune.training.reranker_trainer import RerankerTrainer
+from finetune.training.inputs import build_training_data, pair_max_length, read_data
 
 logger = logging.getLogger("finetune.train")
 
 
 class HubEmbeddingTrainer(SentenceTransformerHubMixin, EmbeddingTrainer):
     """EmbeddingTrainer whose --push_to_hub uploads the SentenceTransformer folder and its card (finetune.publishing.hub)."""
+
+
+class HubRerankerTrainer(SentenceTransformerHubMixin, RerankerTrainer):
+    """RerankerTrainer whose --push_to_hub uploads the CrossEncoder folder and its card."""
 
 
 class OutputDirError(ValueError):
@@ -134,24 +141,17 @@ def run(model_args: ModelArguments, data_args: DataArguments, training_args: Emb
     for name, retrieval_set in (raw.retrieval_sets or {}).items():
         logger.info("Retrieval evaluation%s: %d queries over %d documents.", f" ({name})" if name else "",
                     len(retrieval_set.queries), len(retrieval_set.corpus))
-    transformers.set_seed(training_args.seed)  # new weights (LoRA adapters) start alike in every process and run
-    model = EmbeddingModel.from_pretrained(
-        model_args.model_name_or_path, pooling=model_args.pooling, normalize=model_args.normalize,
-        trust_remote_code=model_args.trust_remote_code, padding_free=model_args.padding_free, lora=model_args.lora,
-        attention=model_args.attention, attention_kernel=model_args.attention_kernel,
-        query_prefix=data_args.query_prefix, document_prefix=data_args.passage_prefix,
-        max_seq_length=max(data_args.query_max_length, data_args.passage_max_length))
-    too_large = [dim for dim in training_args.matryoshka_dims or [] if dim > model.embedding_dimension]
-    if too_large:
-        raise ConfigError(f"--matryoshka_dims {too_large} exceed the model's embedding size {model.embedding_dimension}.")
-    data = build_training_data(raw, data_args, training_args, model.tokenizer)
+    transformers.set_seed(training_args.seed)  # new weights (LoRA adapters, a reranker's head) start alike everywhere
+    cross_encoder = model_args.model_type == "cross-encoder"
+    model = load_model(model_args, data_args, training_args)
+    data = build_training_data(raw, data_args, training_args, model.tokenizer, cross_encoder=cross_encoder)
     train_dataset, eval_dataset = data.train, data.validation
-    if training_args.torch_compile and model.position_rule is not None:
+    if training_args.torch_compile and getattr(model, "position_rule", None) is not None:
         logger.info("--torch_compile with padding-free encoding: the encoder's layers compile once for a dynamic "
                     "packed length; packing and per-sequence attention run eagerly (docs/performance.md).")
 
-    logger.info("Model %s (pooling=%s, normalize=%s); %d training and %d validation queries; %d hard negatives each.",
-                model_args.model_name_or_path, model.pooling, model.normalize, len(train_dataset),
+    logger.info("Model %s (%s); %d training and %d validation queries; %d hard negatives each.",
+                model_args.model_name_or_path, describe(model), len(train_dataset),
                 len(eval_dataset) if eval_dataset else 0, data_args.num_hard_negatives)
     logger.info("World size %d x %d queries per device x %d accumulation = %d queries per optimizer step.",
                 training_args.world_size, training_args.per_device_train_batch_size,
@@ -163,7 +163,8 @@ def run(model_args: ModelArguments, data_args: DataArguments, training_args: Emb
 
     pad_multiple = 8 if (training_args.fp16 or training_args.bf16) else None
     configure_tracking(training_args)
-    trainer = HubEmbeddingTrainer(model=model, args=training_args, train_dataset=train_dataset,
+    trainer_class = HubRerankerTrainer if cross_encoder else HubEmbeddingTrainer
+    trainer = trainer_class(model=model, args=training_args, train_dataset=train_dataset,
                                   eval_dataset=eval_dataset, data_collator=TripletCollator(model.tokenizer, pad_multiple),
                                   processing_class=model.tokenizer, evaluator=data.evaluator, objective=data.objective)
     with peer_failure_message(training_args.output_dir, training_args.world_size), \
@@ -183,11 +184,39 @@ def run(model_args: ModelArguments, data_args: DataArguments, training_args: Emb
           num_validation_records=len(eval_dataset) if eval_dataset is not None else 0,
           datasets_seen=datasets_seen(trainer, train_dataset))
     if training_args.should_save:
-        print(f"\nModel saved to {os.path.abspath(training_args.output_dir)}\n"
-              f"Load it with:\n  from sentence_transformers import SentenceTransformer\n"
-              f"  model = SentenceTransformer({os.path.abspath(training_args.output_dir)!r})\n"
-              f"  model.encode_query([...]); model.encode_document([...])\n")
+        folder = os.path.abspath(training_args.output_dir)
+        print(f"\nModel saved to {folder}\nLoad it with:\n" + (
+            f"  from sentence_transformers import CrossEncoder\n  model = CrossEncoder({folder!r})\n"
+            f"  model.predict([(query, document), ...]); model.rank(query, documents)\n" if cross_encoder else
+            f"  from sentence_transformers import SentenceTransformer\n  model = SentenceTransformer({folder!r})\n"
+            f"  model.encode_query([...]); model.encode_document([...])\n"))
     return metrics
+
+
+def load_model(model_args: ModelArguments, data_args: DataArguments, training_args: EmbeddingTrainingArguments):
+    """The model of --model_type: an EmbeddingModel (bi-encoder) or a CrossEncoderModel (reranker)."""
+    if model_args.model_type == "cross-encoder":
+        return CrossEncoderModel.from_pretrained(
+            model_args.model_name_or_path, max_length=pair_max_length(data_args),
+            activation="sigmoid" if training_args.reranker_loss == "pointwise" else "identity",
+            trust_remote_code=model_args.trust_remote_code)
+    model = EmbeddingModel.from_pretrained(
+        model_args.model_name_or_path, pooling=model_args.pooling, normalize=model_args.normalize,
+        trust_remote_code=model_args.trust_remote_code, padding_free=model_args.padding_free, lora=model_args.lora,
+        attention=model_args.attention, attention_kernel=model_args.attention_kernel,
+        query_prefix=data_args.query_prefix, document_prefix=data_args.passage_prefix,
+        max_seq_length=max(data_args.query_max_length, data_args.passage_max_length))
+    too_large = [dim for dim in training_args.matryoshka_dims or [] if dim > model.embedding_dimension]
+    if too_large:
+        raise ConfigError(f"--matryoshka_dims {too_large} exceed the model's embedding size {model.embedding_dimension}.")
+    return model
+
+
+def describe(model) -> str:
+    """One phrase for the log: a bi-encoder's pooling and normalisation, a cross-encoder's pair length."""
+    if isinstance(model, CrossEncoderModel):
+        return f"cross-encoder, pairs of up to {model.max_length} tokens, {model.activation} activation"
+    return f"pooling={model.pooling}, normalize={model.normalize}"
 
 
 def datasets_seen(trainer, train_dataset) -> list[dict] | None:

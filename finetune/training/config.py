@@ -94,12 +94,30 @@ def parse_arguments(argv: list[str] | None) -> tuple[ModelArguments, DataArgumen
     if parsed[1].has_validation and "--eval_on_start" not in argv:
         # With validation data, evaluate the base model first so the gain is visible (flags may override).
         parsed = _parse(["--eval_on_start", "true"] + argv)
-    _, data_args, training_args = parsed
+    model_args, data_args, training_args = parsed
+    if model_args.model_type == "cross-encoder":
+        check_cross_encoder_options(data_args, training_args)
     evaluates = str(getattr(training_args.eval_strategy, "value", training_args.eval_strategy)) != "no"
     if not data_args.has_validation and (evaluates or training_args.load_best_model_at_end):
         raise ConfigError("--eval_strategy / --load_best_model_at_end need --validation_file (or pass "
                           "--eval_strategy no).")
     return parsed
+
+
+def check_cross_encoder_options(data_args: DataArguments, training_args: EmbeddingTrainingArguments) -> None:
+    """What a cross-encoder cannot do: options of the bi-encoder's in-batch loss and embeddings, and groups without
+    negatives (its losses rank or classify each positive against its own hard negatives)."""
+    bi_encoder_only = [name for name, used in (
+        ("--gradcache_mini_batch_size", training_args.gradcache_mini_batch_size),
+        ("--matryoshka_dims", training_args.matryoshka_dims),
+        ("--ranking_directions", list(training_args.ranking_directions) != ["query_to_doc"])) if used]
+    if bi_encoder_only:
+        raise ConfigError(f"{', '.join(bi_encoder_only)}: bi-encoder options; a cross-encoder scores each pair on its "
+                          "own. Drop them, or train with --model_type bi-encoder.")
+    if data_args.num_hard_negatives < 1:
+        raise ConfigError(f"--model_type cross-encoder ({training_args.reranker_loss} loss) learns from each "
+                          "query's hard negatives: --num_hard_negatives must be >= 1 (mine them with "
+                          "`python -m data_prep.mine`).")
 
 
 def _parse(argv: list[str]) -> tuple[ModelArguments, DataArguments, EmbeddingTrainingArguments]:

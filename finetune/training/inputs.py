@@ -17,6 +17,13 @@ from finetune.data.columns import check_enough_negatives, check_teacher_scores, 
 from finetune.retrieval.evaluation import MultiRetrievalEvaluator, RetrievalEvaluator
 from finetune.retrieval.sets import load_retrieval_set, retrieval_set_from_records, with_extra_corpus
 from finetune.objectives.builtin import DatasetDispatch, build_objective
+from finetune.objectives.reranking import build_reranker_objective
+from finetune.retrieval.reranking import RerankEvaluator
+
+
+def pair_max_length(data_args) -> int:
+    """Tokens of a cross-encoder's (question, document) pair: --query_max_length + --passage_max_length."""
+    return data_args.query_max_length + data_args.passage_max_length
 
 
 @dataclass
@@ -56,13 +63,19 @@ class TrainingData:
     objective: object
 
 
-def build_training_data(raw: RawData, data_args, training_args, tokenizer) -> TrainingData:
-    """Tokenized datasets (per dataset: its prompts and k), the evaluator and the objective (per dataset: its mode)."""
+def build_training_data(raw: RawData, data_args, training_args, tokenizer, *,
+                        cross_encoder: bool = False) -> TrainingData:
+    """Tokenized datasets (per dataset: its prompts and k), the evaluator and the objective (per dataset: its mode).
+
+    ``cross_encoder``: documents are tokenized as (question, document) pairs of ``pair_max_length(data_args)``
+    tokens, evaluation reranks each validation query's own candidates, the objective is the reranker's.
+    """
     def build(spec: DatasetSpec, records) -> TripletDataset:
         k = data_args.num_hard_negatives if spec.num_hard_negatives is None else spec.num_hard_negatives
         tokenized = tokenize_dataset(records, tokenizer, query=spec.query_side(data_args.query_side),
                                      document=spec.document_side(data_args.document_side),
-                                     num_proc=data_args.preprocessing_num_workers)
+                                     num_proc=data_args.preprocessing_num_workers,
+                                     pair_max_length=pair_max_length(data_args) if cross_encoder else None)
         check_enough_negatives(tokenized, k)
         return TripletDataset(tokenized, k, seed=training_args.data_order_seed)
 
@@ -83,12 +96,24 @@ def build_training_data(raw: RawData, data_args, training_args, tokenizer) -> Tr
     evaluator = None
     if raw.retrieval_sets is not None:
         sides = {spec.name: spec for spec, _ in raw.validation}
-        evaluators = {name: RetrievalEvaluator(
-            retrieval_set, query=sides[name].query_side(data_args.query_side) if name in sides else data_args.query_side,
-            document=sides[name].document_side(data_args.document_side) if name in sides else data_args.document_side,
-            batch_size=training_args.per_device_eval_batch_size, truncate_dims=training_args.matryoshka_dims or ())
-            for name, retrieval_set in raw.retrieval_sets.items()}
+        def query_side(name):
+            return sides[name].query_side(data_args.query_side) if name in sides else data_args.query_side
+
+        def document_side(name):
+            return sides[name].document_side(data_args.document_side) if name in sides else data_args.document_side
+
+        if cross_encoder:
+            evaluators = {name: RerankEvaluator(retrieval_set, query=query_side(name), document=document_side(name),
+                                                batch_size=training_args.per_device_eval_batch_size)
+                          for name, retrieval_set in raw.retrieval_sets.items()}
+        else:
+            evaluators = {name: RetrievalEvaluator(
+                retrieval_set, query=query_side(name), document=document_side(name),
+                batch_size=training_args.per_device_eval_batch_size, truncate_dims=training_args.matryoshka_dims or ())
+                for name, retrieval_set in raw.retrieval_sets.items()}
         evaluator = next(iter(evaluators.values())) if len(evaluators) == 1 else MultiRetrievalEvaluator(evaluators)
+    if cross_encoder:
+        return TrainingData(train, validation, evaluator, build_reranker_objective(training_args))
     objective = build_objective(training_args)
     if len(raw.train) > 1 or len(raw.validation) > 1:  # per-dataset hard-negative modes; each batch's dataset logged
         modes = {names.index(spec.name): spec.hard_negatives_mode for spec, _ in raw.train + raw.validation}
