@@ -12,6 +12,7 @@ import contextlib
 from collections.abc import Callable
 
 import torch
+from tqdm.auto import tqdm
 
 from finetune.data.text import TextSide
 from finetune.retrieval.evaluation import Run, compute_metrics
@@ -36,7 +37,7 @@ def rerank_run(score_pairs: ScorePairs, dataset: RetrievalSet, candidates: dict[
     """Score every (query, candidate) pair, ``batch_size`` pairs at a time, with the sides' prompts applied."""
     pairs = [(qid, doc) for qid, docs in candidates.items() for doc in docs]
     scores: list[float] = []
-    for start in range(0, len(pairs), batch_size):
+    for start in tqdm(range(0, len(pairs), batch_size), desc="Reranking", unit=" batches", leave=False):
         chunk = pairs[start:start + batch_size]
         scores += score_pairs(query.prompted([dataset.queries[qid] for qid, _ in chunk]),
                               document.prompted([dataset.corpus[doc] for _, doc in chunk])).float().tolist()
