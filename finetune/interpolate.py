@@ -137,8 +137,9 @@ def check_compatible(base: str, tuned: str) -> tuple[WeightLayout, WeightLayout]
                          f"{len(only)} key(s) in one folder only). Both must be checkpoints of one architecture.")
     for key in sorted(set(base_info) & set(tuned_info)):
         if base_info[key][0] != tuned_info[key][0]:
-            raise ValueError(f"{refusal(base, tuned)}: different shapes, first differing key {key!r}: {base_info[key][0]} in "
-                             f"--base, {tuned_info[key][0]} in --tuned. Both must be checkpoints of one architecture.")
+            raise ValueError(f"{refusal(base, tuned)}: different shapes, first differing key {key!r}: "
+                             f"{base_info[key][0]} in --base, {tuned_info[key][0]} in --tuned. Both must be "
+                             "checkpoints of one architecture.")
     return base_layout, tuned_layout
 
 
@@ -377,8 +378,8 @@ def sweep(args) -> dict:
         for alpha in alphas:
             folder = os.path.join(work, f"alpha-{alpha:g}")
             write_model(args.base, args.tuned, alpha, folder, layouts)
-            row = {"alpha": alpha, "domain": evaluate_model(folder, domain, batch_size=args.batch_size), "general": None,
-                   "general_drop": None, "within_limit": True}
+            row = {"alpha": alpha, "domain": evaluate_model(folder, domain, batch_size=args.batch_size),
+                   "general": None, "general_drop": None, "within_limit": True}
             if general is not None:
                 row["general"] = evaluate_model(folder, general, batch_size=args.batch_size)
                 row["general_drop"] = rows[0]["general"][args.metric] - row["general"][args.metric] if rows else 0.0
@@ -414,21 +415,22 @@ def build_parser() -> argparse.ArgumentParser:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--base", required=True, help="The model the fine-tune started from: a folder with its HF "
                                                       "weights (safetensors) at the root.")
-    parser.add_argument("--tuned", required=True, help="The fine-tuned SentenceTransformer folder (full fine-tune or "
-                                                       "merged LoRA); the output takes its layout, tokenizer and modules.")
+    parser.add_argument("--tuned", required=True,
+                        help="The fine-tuned SentenceTransformer folder (full fine-tune or merged LoRA); the output "
+                             "takes its layout, tokenizer and modules.")
     parser.add_argument("--output_dir", required=True, help="Where the interpolated model goes: a new or empty folder, "
                                                             "or an earlier output of this command (replaced).")
     mode = parser.add_mutually_exclusive_group(required=True)
     mode.add_argument("--alpha", type=float, help="Write (1 - alpha) x base + alpha x tuned, alpha in [0, 1].")
     mode.add_argument("--sweep", help="Comma-separated alphas in [0, 1] to evaluate (0 is always added: the base is "
                                       "the reference of the general drop), e.g. 0,0.25,0.5,0.75,1.")
-    parser.add_argument("--data", nargs="+", help="With --sweep (required): the domain set, seed-format file(s)/glob(s) "
-                                                  "or a BEIR folder.")
+    parser.add_argument("--data", nargs="+",
+                        help="With --sweep (required): the domain set, seed-format file(s)/glob(s) or a BEIR folder.")
     parser.add_argument("--general_data", nargs="+", help="With --sweep: a general set in the same forms; each alpha's "
                                                           "drop on it against the base limits the choice.")
     parser.add_argument("--max_general_drop", type=float, default=0.01,
                         help="With --general_data: the largest drop of the general score below the base's that the "
-                             "chosen alpha may have, in metric points (default 0.01).")
+                             "chosen alpha may have, as an absolute difference of --metric (default 0.01).")
     parser.add_argument("--metric", default="ndcg@10", choices=METRIC_NAMES,
                         help="The score compared and chosen on (default ndcg@10).")
     parser.add_argument("--batch_size", type=int, default=None,
