@@ -172,15 +172,15 @@ def _fsync(path: str) -> None:
 
 
 def model_files(tuned: str) -> list[str]:
-    """What the output copies from the tuned folder: the files that make up the model (``finetune.hub``'s list:
+    """What the output copies from the tuned folder: the files that make up the model (``finetune.publishing.hub``'s list:
     tokenizer, config, ST files, the module folders modules.json names), less the weights and the model card (its
     metrics are the tuned model's), plus ``training_run.json`` (its query/passage lengths and eval batch size are
     what ``finetune.evaluate`` then uses, so every alpha is encoded alike and ``a = 1`` scores as the tuned model
     does). Checkpoints, ``lora_adapter/`` and trainer logs stay behind."""
     import fnmatch
 
-    from finetune.hub import DIMENSION_PLOT, HubPushError, model_files as hub_model_files
-    from finetune.model_card import CARD_FILE
+    from finetune.publishing.hub import HubPushError, model_files as hub_model_files
+    from finetune.publishing.model_card import CARD_FILE, DIMENSION_PLOT
 
     try:
         names = hub_model_files(tuned)
@@ -340,7 +340,7 @@ def plot_sweep(report: dict, path: str) -> None:
     matplotlib.use("Agg")
     from matplotlib import pyplot as plt
 
-    from finetune.checkpointing import atomic_write
+    from finetune.training.checkpointing import atomic_write
 
     metric, rows = report["metric"], report["rows"]
     alphas = [row["alpha"] for row in rows]
@@ -362,7 +362,7 @@ def plot_sweep(report: dict, path: str) -> None:
 
 def sweep(args) -> dict:
     """Evaluate every alpha of ``--sweep``; the chosen one goes to ``--output_dir`` with the report and the plot."""
-    from finetune.checkpointing import write_json_atomic
+    from finetune.training.checkpointing import write_json_atomic
     from finetune.retrieval.evaluation import evaluate_model
     from finetune.retrieval.sets import load_retrieval_set
 

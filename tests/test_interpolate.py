@@ -14,7 +14,7 @@ from safetensors.torch import load_file, save_file
 from sentence_transformers import SentenceTransformer
 
 from finetune import interpolate, train
-from finetune.modeling import EmbeddingModel
+from finetune.model.embedding_model import EmbeddingModel
 
 from conftest import build_tiny_bert, make_records, write_jsonl
 
