@@ -141,6 +141,9 @@ def run(model_args: ModelArguments, data_args: DataArguments, training_args: Emb
     for name, retrieval_set in (raw.retrieval_sets or {}).items():
         logger.info("Retrieval evaluation%s: %d queries over %d documents.", f" ({name})" if name else "",
                     len(retrieval_set.queries), len(retrieval_set.corpus))
+    if raw.general_set is not None:
+        logger.info("Forgetting check (--general_validation): %d queries over %d documents, before and after training.",
+                    len(raw.general_set.queries), len(raw.general_set.corpus))
     transformers.set_seed(training_args.seed)  # new weights (LoRA adapters, a reranker's head) start alike everywhere
     cross_encoder = model_args.model_type == "cross-encoder"
     model = load_model(model_args, data_args, training_args)
@@ -180,9 +183,10 @@ def run(model_args: ModelArguments, data_args: DataArguments, training_args: Emb
         trainer.save_metrics("eval", eval_metrics)
         metrics.update(eval_metrics)
     trainer.save_state()
+    forgetting = forgetting_check(trainer.state.log_history, metrics) if data_args.general_validation else None
     share(trainer, model_args, data_args, training_args, num_train_records=len(train_dataset),
           num_validation_records=len(eval_dataset) if eval_dataset is not None else 0,
-          datasets_seen=datasets_seen(trainer, train_dataset))
+          datasets_seen=datasets_seen(trainer, train_dataset), forgetting=forgetting)
     if training_args.should_save:
         folder = os.path.abspath(training_args.output_dir)
         print(f"\nModel saved to {folder}\nLoad it with:\n" + (
@@ -217,6 +221,20 @@ def describe(model) -> str:
     if isinstance(model, CrossEncoderModel):
         return f"cross-encoder, pairs of up to {model.max_length} tokens, {model.activation} activation"
     return f"pooling={model.pooling}, normalize={model.normalize}"
+
+
+def forgetting_check(log_history: list[dict], final: dict) -> dict | None:
+    """The general-domain metrics (``eval_general_*``) before training (step 0) and after it, logged in one line."""
+    prefix = "eval_general_"
+    before = next(({name.removeprefix(prefix): value for name, value in entry.items() if name.startswith(prefix)}
+                   for entry in log_history if entry.get("step") == 0 and f"{prefix}ndcg@10" in entry), {})
+    after = {name.removeprefix(prefix): value for name, value in final.items() if name.startswith(prefix)}
+    if not after:
+        return None
+    if "ndcg@10" in before:
+        logger.info("Forgetting check: general-domain nDCG@10 %.4f before training, %.4f after (%+.4f).",
+                    before["ndcg@10"], after["ndcg@10"], after["ndcg@10"] - before["ndcg@10"])
+    return {"before": before, "after": after}
 
 
 def datasets_seen(trainer, train_dataset) -> list[dict] | None:

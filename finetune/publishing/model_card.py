@@ -78,8 +78,11 @@ def hub_repo_id(name_or_path: str | None, kind: str = "models") -> str | None:
 
 def save_training_run(output_dir: str, model_args, data_args, training_args, *, num_train_records: int,
                       num_validation_records: int, world_size: int, base_model_id: str | None = None,
-                      tracking_url: str | None = None, datasets_seen: list[dict] | None = None) -> str:
+                      tracking_url: str | None = None, datasets_seen: list[dict] | None = None,
+                      forgetting: dict | None = None) -> str:
     """Record what the card needs and only the training process knows, as ``training_run.json``.
+
+    ``forgetting``: the forgetting check (``--general_validation``) before and after training, if any.
 
     ``base_model_id``: the Hub id of a local base model (e.g. the packaged MiniLM), if known.
     Non-default training options are those that differ from ``EmbeddingTrainingArguments``' own
@@ -127,6 +130,8 @@ def save_training_run(output_dir: str, model_args, data_args, training_args, *, 
         "global_in_batch_negatives": bool(getattr(training_args, "global_in_batch_negatives", False)),
         "non_default_options": options,
         "tracking_url": tracking_url,
+        "forgetting_check": ({"files": [os.path.basename(str(path).rstrip("/")) for path in data_args.general_validation],
+                              **forgetting} if forgetting else None),
     }
     path = Path(output_dir, TRAINING_RUN_FILE)
     write_text_atomic(path, json.dumps(run, indent=2) + "\n")
@@ -207,6 +212,13 @@ def _evaluations(output_dir: Path, log_history: list[dict], base_model: str) -> 
     start = next((_split_metrics(entry) for entry in log_history if entry.get("step") == 0 and _split_metrics(entry)), {})
     dimension_rows = _dimension_rows(start, final)
     start, final = _without_dimensions(start), _without_dimensions(final)
+    general = "general_"  # the forgetting check's metrics (finetune.retrieval.evaluation.ForgettingCheckEvaluator)
+    forgetting_rows = [{"metric": _METRIC_LABELS.get(name, name), "before": start.get(general + name),
+                        "after": final.get(general + name)}
+                       for name in _ordered({key.removeprefix(general) for key in [*start, *final]
+                                             if key.startswith(general)})]
+    start = {name: value for name, value in start.items() if not name.startswith(general)}
+    final = {name: value for name, value in final.items() if not name.startswith(general)}
     names = _ordered([*start, *final])
     before_after = [{"metric": _METRIC_LABELS.get(name, name), "name": name, "before": start.get(name),
                      "after": final.get(name)} for name in names]
@@ -228,7 +240,7 @@ def _evaluations(output_dir: Path, log_history: list[dict], base_model: str) -> 
               for model in models}
     return {"before_after": before_after, "has_before": bool(start), "comparison_models": [labels[m] for m in models],
             "comparison_rows": rows, "final_retrieval": final_retrieval, "final_from_comparison": this_model is not None,
-            "dimension_rows": dimension_rows}
+            "dimension_rows": dimension_rows, "forgetting_rows": forgetting_rows}
 
 
 _DIMENSION_METRIC = re.compile(r"(.+)_dim(\d+)$")

@@ -51,7 +51,8 @@ def _base_model_id(model_name_or_path: str) -> str | None:
 
 
 def share(trainer, model_args, data_args, training_args, *, num_train_records: int,
-          num_validation_records: int, datasets_seen: list[dict] | None = None) -> str | None:
+          num_validation_records: int, datasets_seen: list[dict] | None = None,
+          forgetting: dict | None = None) -> str | None:
     """Close tracking, write the model card, push when asked; returns the Hub URL when pushed.
 
     A failed push raises HubPushError after the model and its card are saved; the message says
@@ -62,7 +63,7 @@ def share(trainer, model_args, data_args, training_args, *, num_train_records: i
         save_training_run(training_args.output_dir, model_args, data_args, training_args,
                           num_train_records=num_train_records, num_validation_records=num_validation_records,
                           world_size=training_args.world_size, base_model_id=_base_model_id(model_args.model_name_or_path),
-                          tracking_url=tracking_url, datasets_seen=datasets_seen)
+                          tracking_url=tracking_url, datasets_seen=datasets_seen, forgetting=forgetting)
         card = write_model_card(training_args.output_dir, repo_id=trainer.hub_model_id)
         logger.info("Model card written to %s", card)
     if not training_args.push_to_hub:

@@ -223,6 +223,21 @@ class MultiRetrievalEvaluator:
         return metrics
 
 
+class ForgettingCheckEvaluator:
+    """The domain evaluator's metrics plus a general-domain set's, named ``general_<metric>``: kept apart from the
+    domain metrics (which the best checkpoint and the logs' headline follow)."""
+
+    PREFIX = "general_"
+
+    def __init__(self, domain, general):
+        self.domain, self.general = domain, general
+
+    def __call__(self, model, **kwargs) -> dict[str, float]:
+        metrics = dict(self.domain(model, **kwargs))
+        metrics.update({f"{self.PREFIX}{name}": value for name, value in self.general(model, **kwargs).items()})
+        return metrics
+
+
 def evaluate_model(model_name_or_path: str, dataset: RetrievalSet, *, batch_size: int | None = None,
                    max_seq_length: int | None = None, truncate_dim: int | None = None, shard_dir: str | None = None,
                    shard_size: int = 50_000, query_block_size: int = 1024, keep_shards: bool = False,

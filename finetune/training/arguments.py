@@ -177,6 +177,13 @@ class DataArguments:
         default=None,
         metadata={"help": "Extra documents added to the evaluation corpus as distractors: JSON Lines with 'text' "
                           "(and optional 'title'), or plain text, one document per line."})
+    general_validation: list[str] | None = field(
+        default=None,
+        metadata={"help": "Forgetting check: a general-domain retrieval set (seed-format files/globs or one BEIR "
+                          "folder) evaluated at every evaluation beside the domain validation, before training and "
+                          "after it; reported as eval_general_ndcg@10... (kept out of the domain metrics and of "
+                          "--metric_for_best_model), in training_run.json and the model card. E.g. "
+                          "data_prep/example_data/general_wordnet.jsonl.gz. Needs --validation_file."})
     num_hard_negatives: int = field(
         default=1,
         metadata={"help": "Hard negatives per query per step, sampled from neg_doc (without replacement when a record "
@@ -206,6 +213,8 @@ class DataArguments:
         self.train_specs, self.validation_specs  # noqa: B018 (parse now: a bad spec fails before anything loads)
         if self.eval_retrieval_data and not self.has_validation:
             raise ValueError("--eval_retrieval_data needs a --validation_file too (it gives the validation loss).")
+        if self.general_validation and not self.has_validation:
+            raise ValueError("--general_validation needs a --validation_file too (the domain set it is compared with).")
         if self.eval_corpus_file and not (self.eval_retrieval_data or self.has_validation):
             raise ValueError("--eval_corpus_file needs evaluation data (--validation_file or --eval_retrieval_data).")
         if self.num_hard_negatives < 0:

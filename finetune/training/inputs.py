@@ -14,7 +14,7 @@ from finetune.data.blend import BlendedTripletDataset, DatasetSpec, blend_weight
 from finetune.training.config import ConfigError
 from finetune.data.examples import TripletDataset
 from finetune.data.columns import check_enough_negatives, check_teacher_scores, load_raw_dataset, tokenize_dataset
-from finetune.retrieval.evaluation import MultiRetrievalEvaluator, RetrievalEvaluator
+from finetune.retrieval.evaluation import ForgettingCheckEvaluator, MultiRetrievalEvaluator, RetrievalEvaluator
 from finetune.retrieval.sets import load_retrieval_set, retrieval_set_from_records, with_extra_corpus
 from finetune.objectives.builtin import DatasetDispatch, build_objective
 from finetune.objectives.reranking import build_reranker_objective
@@ -33,6 +33,7 @@ class RawData:
     train: list[tuple[DatasetSpec, object]]
     validation: list[tuple[DatasetSpec, object]]
     retrieval_sets: dict[str, object] | None
+    general_set: object | None = None  # --general_validation: the forgetting check's retrieval set
 
 
 def read_data(data_args, training_args) -> RawData:
@@ -52,7 +53,8 @@ def read_data(data_args, training_args) -> RawData:
     elif validation:  # the validation records just parsed: no second pass over the files
         retrieval_sets = {spec.name: with_extra_corpus(retrieval_set_from_records(raw), data_args.eval_corpus_file)
                           for spec, raw in validation}
-    return RawData(train, validation, retrieval_sets)
+    general_set = load_retrieval_set(data_args.general_validation) if data_args.general_validation else None
+    return RawData(train, validation, retrieval_sets, general_set)
 
 
 @dataclass
@@ -112,6 +114,11 @@ def build_training_data(raw: RawData, data_args, training_args, tokenizer, *,
                 batch_size=training_args.per_device_eval_batch_size, truncate_dims=training_args.matryoshka_dims or ())
                 for name, retrieval_set in raw.retrieval_sets.items()}
         evaluator = next(iter(evaluators.values())) if len(evaluators) == 1 else MultiRetrievalEvaluator(evaluators)
+        if raw.general_set is not None:  # the forgetting check: the default sides, no dataset instruction
+            general = (RerankEvaluator if cross_encoder else RetrievalEvaluator)(
+                raw.general_set, query=data_args.query_side, document=data_args.document_side,
+                batch_size=training_args.per_device_eval_batch_size)
+            evaluator = ForgettingCheckEvaluator(evaluator, general)
     if cross_encoder:
         return TrainingData(train, validation, evaluator, build_reranker_objective(training_args))
     objective = build_objective(training_args)
