@@ -73,9 +73,17 @@ def launch_defaults() -> list[str]:
     return ["--ddp_backend", "gloo"] if deepspeed else ["--use_cpu", "true"]
 
 
+class OptionParser(HfArgumentParser):
+    """HfArgumentParser whose errors (a value outside an option's choices, a missing value) are one-line
+    ConfigErrors, not argparse's usage dump and SystemExit."""
+
+    def error(self, message: str):
+        raise ConfigError(f"{message}; `python finetune/train.py --help` lists the options.")
+
+
 def build_parser() -> HfArgumentParser:
     # No abbreviations: a misspelt recipe key must be an error, not silently another option.
-    return HfArgumentParser((ModelArguments, DataArguments, EmbeddingTrainingArguments), allow_abbrev=False)
+    return OptionParser((ModelArguments, DataArguments, EmbeddingTrainingArguments), allow_abbrev=False)
 
 
 def parse_arguments(argv: list[str] | None) -> tuple[ModelArguments, DataArguments, EmbeddingTrainingArguments]:
