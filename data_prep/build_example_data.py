@@ -22,6 +22,8 @@ from pathlib import Path
 
 from tqdm.auto import tqdm
 
+from data_prep.records import add_deprecated_alias
+
 logger = logging.getLogger("data_prep.build_example_data")
 
 SKIP_PARTS = {"test", "tests", "idle_test", "turtledemo", "ensurepip", "site-packages", "__phello__", "pydoc_data"}
@@ -86,7 +88,8 @@ def main(argv: list[str] | None = None) -> None:
                         help="Folder for train.jsonl.gz and validation.jsonl.gz (default: data_prep/example_data).")
     parser.add_argument("--model_name_or_path", default=None, help="Mining model (default: packaged all-MiniLM-L6-v2).")
     parser.add_argument("--num_validation", type=int, default=300, help="Held-out records (default 300); the rest is for training.")
-    parser.add_argument("--num_negatives", type=int, default=5, help="Mined negatives per record (default 5).")
+    parser.add_argument("--num_hard_negatives", type=int, default=5, help="Mined negatives per record (default 5).")
+    add_deprecated_alias(parser, "--num_negatives", "--num_hard_negatives", type=int)
     parser.add_argument("--seed", type=int, default=0, help="Shuffling seed (default 0).")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
@@ -104,7 +107,7 @@ def main(argv: list[str] | None = None) -> None:
     train_docs = [pair["document"] for pair in splits["train"]]
     all_docs = train_docs + [pair["document"] for pair in splits["validation"]]
     doc_emb = model.encode(all_docs, batch_size=64)
-    settings = MiningSettings(num_negatives=args.num_negatives, range_max=200, max_score_ratio=0.95)
+    settings = MiningSettings(num_negatives=args.num_hard_negatives, range_max=200, max_score_ratio=0.95)
     output_dir = Path(args.output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     for split, split_pairs in splits.items():

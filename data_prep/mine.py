@@ -1,6 +1,6 @@
 """Mine hard negatives for seed-format data with an embedding model, filtering likely false negatives.
 
-    python -m data_prep.mine --input train.jsonl --output train.mined.jsonl --num_negatives 5 \\
+    python -m data_prep.mine --input train.jsonl --output train.mined.jsonl --num_hard_negatives 5 \\
         [--model_name_or_path MODEL] [--max_score_ratio 0.95] [--extra_corpus more_docs.jsonl]
     accelerate launch -m data_prep.mine ...     # several processes (GPUs) share the encoding and the search
 
@@ -37,7 +37,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from data_prep.mining import FILTER_REASONS, REASONS, SAMPLING, MiningSettings, select_for_queries
-from data_prep.records import (json_line, normalized_key, optional_float, run_cli,
+from data_prep.records import (add_deprecated_alias, json_line, normalized_key, optional_float, run_cli,
                                setup_logging, unique)
 from finetune.retrieval.sets import read_corpus_file
 from finetune.training.checkpointing import atomic_write
@@ -60,7 +60,9 @@ def build_parser() -> argparse.ArgumentParser:
              "(default: the packaged all-MiniLM-L6-v2). Usually the model you are about to fine-tune.")
     add("--input", required=True, nargs="+", help="Seed-format files or globs (validated first).")
     add("--output", required=True, help="Seed-format JSON Lines file to write (.gz to compress).")
-    add("--num_negatives", type=int, default=5, help="Negatives to mine per record (default 5).")
+    add("--num_hard_negatives", type=int, default=5,
+        help="Negatives to mine per record (default 5); the training option of the same name samples from them.")
+    add_deprecated_alias(parser, "--num_negatives", "--num_hard_negatives", type=int)
     add("--range_min", type=int, default=0,
         help="Skip candidates ranked better than this (0 = best; positives count as ranks). Default 0.")
     add("--range_max", type=int, default=50, help="Consider candidates ranked below this only. Default 50.")
@@ -286,7 +288,7 @@ def main(argv: list[str] | None = None) -> dict:
     """Returns the report that is also written to --report (on the main process; ``{}`` on the others)."""
     args = build_parser().parse_args(argv)
     setup_logging()
-    settings = MiningSettings(num_negatives=args.num_negatives, range_min=args.range_min, range_max=args.range_max,
+    settings = MiningSettings(num_negatives=args.num_hard_negatives, range_min=args.range_min, range_max=args.range_max,
                               max_score_ratio=args.max_score_ratio, margin=args.margin, sampling=args.sampling,
                               seed=args.seed)
     for name in ("query_block_size", "corpus_chunk_size", "batch_size", "shard_size"):

@@ -6,6 +6,7 @@ need on top of it.
 
 from __future__ import annotations
 
+import argparse
 import json
 import logging
 import re
@@ -110,3 +111,21 @@ def run_cli(main: Callable[[], object]) -> None:
 
         end_process_group(code)  # under accelerate launch: all done, then the groups go before the interpreter does
     sys.exit(code)
+
+
+class DeprecatedAlias(argparse.Action):
+    """An old option name that still works, with a warning naming the new one, so scripts and recipes keep running."""
+
+    def __init__(self, option_strings, dest, new_name: str, **kwargs):
+        self.new_name = new_name
+        super().__init__(option_strings, dest, **kwargs)
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        print(f"warning: {option_string} is deprecated; use {self.new_name} (same meaning).", file=sys.stderr)
+        setattr(namespace, self.dest, values)
+
+
+def add_deprecated_alias(parser: argparse.ArgumentParser, old: str, new: str, **kwargs) -> None:
+    """``old`` as a deprecated spelling of the option ``new`` (same destination; a warning when used)."""
+    parser.add_argument(old, dest=new.lstrip("-"), action=DeprecatedAlias, new_name=new,
+                        help=f"Deprecated name of {new}.", **kwargs)

@@ -346,3 +346,14 @@ def test_a_rerun_after_a_kill_encodes_only_the_missing_shards(tmp_path, tiny_ber
     assert (tmp_path / "killed.jsonl").read_bytes() == (tmp_path / "straight.jsonl").read_bytes()
     for name in written:
         assert (corpus / name).read_bytes() == (tmp_path / "straight.jsonl.parts" / "corpus" / name).read_bytes()
+
+
+def test_old_option_name_num_negatives_still_works_with_a_warning(tmp_path, tiny_bert, mining_data, capsys):
+    """One vocabulary across the tools: mine's --num_negatives is now --num_hard_negatives (as in training); the old
+    name is a deprecated alias that gives the same output."""
+    _, data, _, _ = mining_data
+    run_mine(tmp_path, tiny_bert, data, "--num_hard_negatives", 2, "--max_score_ratio", "none", name="new.jsonl")
+    assert "deprecated" not in capsys.readouterr().err
+    run_mine(tmp_path, tiny_bert, data, "--num_negatives", 2, "--max_score_ratio", "none", name="old.jsonl")
+    assert "warning: --num_negatives is deprecated; use --num_hard_negatives" in capsys.readouterr().err
+    assert (tmp_path / "old.jsonl").read_text() == (tmp_path / "new.jsonl").read_text()

@@ -77,6 +77,7 @@ def test_readme_links_every_docs_page():
 
 COMMAND_SCRIPTS = sorted([*(ROOT / "data_prep").glob("*.py"), ROOT / "finetune" / "evaluate" / "__main__.py",
                           ROOT / "finetune" / "push_to_hub.py", ROOT / "finetune" / "interpolate.py",
+                          ROOT / "finetune" / "seeds.py",
                           *(ROOT / "benchmarks").glob("*.py"),
                           *(ROOT / "scripts").glob("*.py")])
 # Options of other tools the docs quote: NeMo's Hydra flags (the NeMo mapping page), pip's, and the README's
