@@ -138,9 +138,12 @@ def test_card_shows_a_saved_retrieval_comparison(run_dir, tiny_bert):
 
 
 def test_card_reads_past_the_comparisons_of_a_saved_retrieval_comparison(run_dir, tiny_bert):
-    """With two models the file also holds "comparisons" (paired differences): not a model, not a column."""
+    """With two models the file also holds "comparisons" (paired differences): not a model, not a column of its
+    own, but this model's difference, interval and p-value beside the values (issue 23: the card shows the
+    before/after difference with its interval)."""
     models = {tiny_bert: {"ndcg@10": 0.5, "seconds": 3.0}, str(run_dir): {"ndcg@10": 0.75, "seconds": 3.0}}
-    comparisons = {str(run_dir): {"baseline": tiny_bert, "metrics": {"ndcg@10": {"difference": 0.25, "p_value": 0.01}}}}
+    comparisons = {str(run_dir): {"baseline": tiny_bert, "metrics": {
+        "ndcg@10": {"difference": 0.25, "low": 0.125, "high": 0.375, "p_value": 0.01}}}}
     cards = []
     try:
         for content in (models, {**models, "comparisons": comparisons}):
@@ -149,7 +152,9 @@ def test_card_reads_past_the_comparisons_of_a_saved_retrieval_comparison(run_dir
             cards.append((run_dir / "README.md").read_text())
     finally:
         (run_dir / "retrieval_metrics.json").unlink()
-    assert "| nDCG@10 | 0.5000 | 0.7500 |" in cards[0] and cards[1] == cards[0]
+    assert "| nDCG@10 | 0.5000 | 0.7500 |" in cards[0] and "interval" not in cards[0]
+    assert "| nDCG@10 | 0.5000 | 0.7500 | +0.2500 | [+0.1250, +0.3750] | 0.0100 |" in cards[1]
+    assert "comparisons" not in cards[1]
 
 
 def test_card_without_evaluation_and_with_hub_ids(tiny_bert, tmp_path):

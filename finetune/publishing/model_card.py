@@ -230,8 +230,10 @@ def _evaluations(output_dir: Path, log_history: list[dict], base_model: str) -> 
         this_model = next((name for name in models if os.path.isdir(name) and os.path.samefile(name, output_dir)),
                           models[-1])
         metric_names = _ordered(name for name in comparison[models[0]] if not name.endswith(_NOT_METRICS))
-        rows = [{"metric": _METRIC_LABELS.get(name, name), "values": [comparison[model].get(name) for model in models]}
-                for name in metric_names]
+        # finetune.evaluate's paired statistics of this model against the first one, when it wrote them
+        paired = ((comparison.get("comparisons") or {}).get(this_model) or {}).get("metrics", {})
+        rows = [{"metric": _METRIC_LABELS.get(name, name), "values": [comparison[model].get(name) for model in models],
+                 "paired": paired.get(name)} for name in metric_names]
     final_retrieval = {name: value for name, value in
                        ((comparison[this_model] if this_model else None) or final).items()
                        if name != "loss" and not name.endswith(_NOT_METRICS)}
