@@ -1,7 +1,7 @@
 """Evaluate SentenceTransformer-loadable models on a retrieval set; compare several side by side.
 
     python -m finetune.evaluate --model_name_or_path M [M2 ...] --data PATH [--output_json FILE]
-        [--per_query_output FILE.jsonl] [--mteb_output_folder DIR]
+        [--per_query_output FILE.jsonl] [--mteb_output_folder DIR] [--reranker CROSS_ENCODER --rerank_top_k K]
     accelerate launch -m finetune.evaluate ...   # several processes (GPUs) share the encoding and the search
 
 PATH is a seed-format file/glob (queries = question, corpus = all pos_doc and neg_doc texts of the
@@ -21,6 +21,10 @@ each metric, a paired bootstrap interval and a sign-flip randomisation p-value (
 printed and written to --output_json under "comparisons". --per_query_output keeps every query's metrics;
 --mteb_output_folder writes MTEB result files (finetune.retrieval.mteb_results).
 
+--reranker CROSS_ENCODER also reranks each model's top --rerank_top_k documents per query with a
+sentence-transformers CrossEncoder (finetune.retrieval.rerank_candidates) and reports the metrics before and
+after, side by side; under several processes the main process reranks alone, after the shared search.
+
 This folder has no ``__init__.py`` on purpose: ``accelerate launch finetune/train.py`` puts
 ``finetune/`` first on ``sys.path``, and a module named ``evaluate`` there would shadow the
 ``evaluate`` package; a folder without ``__init__.py`` never does (a regular package wins over a
@@ -35,14 +39,17 @@ import logging
 import os
 import sys
 import tempfile
+import time
 
+from finetune.data.text import TextSide
 from finetune.training.checkpointing import write_json_atomic
 from finetune.training.distributed import end_process_group
 from finetune.retrieval import mteb_results
 from finetune.retrieval.comparison import compare_to_first, format_comparisons, write_per_query
-from finetune.retrieval.evaluation import METRIC_NAMES, evaluate_model
+from finetune.retrieval.evaluation import METRIC_NAMES, SEARCH_DEPTH, compute_metrics, evaluate_model
+from finetune.retrieval.rerank_candidates import cross_encoder_scorer, load_cross_encoder, rerank_top_k
 from finetune.retrieval.sets import load_retrieval_set
-from finetune.retrieval.work_parts import fingerprint
+from finetune.retrieval.work_parts import fingerprint, process_state
 
 logger = logging.getLogger("finetune.evaluate")
 
@@ -123,27 +130,55 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--mteb_tasks", nargs="+", default=None,
                         help="Also run these MTEB tasks (e.g. SciFact NFCorpus) on every model with the mteb package, "
                              "which must be installed and may download their data. Default: none.")
+    parser.add_argument("--reranker", default=None,
+                        help="Also rerank each model's top --rerank_top_k documents per query with this cross-encoder "
+                             "(a folder or Hub id that sentence_transformers.CrossEncoder loads, one score per pair) "
+                             "and report the metrics before and after. Default: no reranking.")
+    parser.add_argument("--rerank_top_k", type=int, default=SEARCH_DEPTH,
+                        help=f"Documents per query the reranker reorders, 1 to {SEARCH_DEPTH} (the depth of the "
+                             f"search); those below keep the bi-encoder's order after them (default {SEARCH_DEPTH}).")
+    parser.add_argument("--reranker_batch_size", type=int, default=64,
+                        help="(query, document) pairs per forward pass of the reranker (default 64).")
+    parser.add_argument("--reranker_query_prefix", default="",
+                        help="Put before every query given to the reranker (default: none; the bi-encoder's prompts "
+                             "are not applied).")
+    parser.add_argument("--reranker_passage_prefix", default="",
+                        help="Put before every document given to the reranker (default: none).")
     args = parser.parse_args(argv)
     if args.truncate_dim is not None and args.truncate_dim < 1:
         raise ValueError(f"--truncate_dim must be >= 1, got {args.truncate_dim}.")
     task_name = check_report_options(args)
+    check_rerank_options(args)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    reranker = None
+    if args.reranker and process_state().is_main_process:  # only the main process reranks
+        # Loaded before any encoding, so that a bad --reranker stops the run at once.
+        reranker = load_cross_encoder(args.reranker, device=process_state().device)
 
     dataset = load_retrieval_set(args.data, split=args.split)
     logger.info("%d queries, %d documents", len(dataset.queries), len(dataset.corpus))
     shard_dir = args.shard_dir or default_shard_dir(args)
-    results = {name: evaluate_model(name, dataset, batch_size=args.batch_size, max_seq_length=args.max_seq_length,
-                                    truncate_dim=args.truncate_dim, shard_dir=os.path.join(shard_dir, f"model-{index}"),
-                                    shard_size=args.shard_size, query_block_size=args.query_block_size,
-                                    keep_shards=args.keep_shards, shard_dtype=args.shard_dtype,
-                                    per_query=len(args.model_name_or_path) > 1 or bool(args.per_query_output))
-               for index, name in enumerate(args.model_name_or_path)}
+    results = {}
+    for index, name in enumerate(args.model_name_or_path):
+        results[name] = evaluate_model(name, dataset, batch_size=args.batch_size, max_seq_length=args.max_seq_length,
+                                       truncate_dim=args.truncate_dim,
+                                       shard_dir=os.path.join(shard_dir, f"model-{index}"), shard_size=args.shard_size,
+                                       query_block_size=args.query_block_size, keep_shards=args.keep_shards,
+                                       shard_dtype=args.shard_dtype,
+                                       per_query=len(args.model_name_or_path) > 1 or bool(args.per_query_output),
+                                       return_run=reranker is not None)
+        if reranker is not None:
+            results[name]["reranked"] = rerank_metrics(reranker, dataset, results[name].pop("run"), args)
     if not all(results.values()):
         return {}  # not the main process: it printed and wrote nothing
     if os.path.isdir(shard_dir) and not os.listdir(shard_dir):
         os.rmdir(shard_dir)
     per_query = {name: metrics.pop("per_query") for name, metrics in results.items() if "per_query" in metrics}
     print(format_table(results))
+    for name, metrics in results.items():
+        if "reranked" in metrics:
+            print(f"{name} reranked by {args.reranker} (top {args.rerank_top_k} per query)")
+            print(format_table({"bi-encoder": metrics, "reranked": metrics["reranked"]}))
     output = dict(results)
     if len(results) > 1:  # a key that is no model: readers of this file skip it (finetune.publishing.model_card does)
         output["comparisons"] = compare_to_first(per_query, samples=args.bootstrap_samples,
@@ -176,6 +211,28 @@ def check_report_options(args) -> str | None:
     if args.mteb_output_folder:
         return args.task_name or mteb_results.default_task_name(args.data)
     return None
+
+
+def check_rerank_options(args) -> None:
+    """Refuse reranking options out of range before anything is loaded."""
+    if not 1 <= args.rerank_top_k <= SEARCH_DEPTH:
+        raise ValueError(f"--rerank_top_k must be between 1 and {SEARCH_DEPTH} (the depth of the search), "
+                         f"got {args.rerank_top_k}.")
+    if args.reranker_batch_size < 1:
+        raise ValueError(f"--reranker_batch_size must be >= 1, got {args.reranker_batch_size}.")
+
+
+def rerank_metrics(reranker, dataset, run, args) -> dict:
+    """The metrics of ``run`` with each query's top --rerank_top_k documents reranked by the cross-encoder."""
+    start = time.perf_counter()
+    reranked = rerank_top_k(cross_encoder_scorer(reranker, batch_size=args.reranker_batch_size), dataset, run,
+                            args.rerank_top_k, query=TextSide(args.reranker_query_prefix),
+                            document=TextSide(args.reranker_passage_prefix), batch_size=args.reranker_batch_size)
+    seconds = time.perf_counter() - start
+    pairs = sum(min(args.rerank_top_k, len(docs)) for docs in run.values())
+    logger.info("Reranked %d pairs in %.1f s (%.1f pairs/s).", pairs, seconds, pairs / max(seconds, 1e-9))
+    return {**compute_metrics(reranked, dataset.qrels), "top_k": args.rerank_top_k, "pairs": pairs,
+            "seconds": seconds}
 
 
 def write_mteb_results(args, task_name: str, dataset, results: dict[str, dict]) -> None:

@@ -229,20 +229,25 @@ def _evaluations(output_dir: Path, log_history: list[dict], base_model: str) -> 
         models = [name for name in comparison if name != "comparisons"]  # finetune.evaluate's paired statistics
         this_model = next((name for name in models if os.path.isdir(name) and os.path.samefile(name, output_dir)),
                           models[-1])
-        metric_names = _ordered(name for name in comparison[models[0]] if not name.endswith(_NOT_METRICS))
+        metric_names = _ordered(name for name, value in comparison[models[0]].items()
+                                if not name.endswith(_NOT_METRICS) and _is_number(value))  # "reranked": a dict
         # finetune.evaluate's paired statistics of this model against the first one, when it wrote them
         paired = ((comparison.get("comparisons") or {}).get(this_model) or {}).get("metrics", {})
         rows = [{"metric": _METRIC_LABELS.get(name, name), "values": [comparison[model].get(name) for model in models],
                  "paired": paired.get(name)} for name in metric_names]
     final_retrieval = {name: value for name, value in
                        ((comparison[this_model] if this_model else None) or final).items()
-                       if name != "loss" and not name.endswith(_NOT_METRICS)}
+                       if name != "loss" and not name.endswith(_NOT_METRICS) and _is_number(value)}
     labels = {model: ("this model" if model == this_model else
                       "base model" if model == base_model else os.path.basename(model.rstrip("/")) or model)
               for model in models}
     return {"before_after": before_after, "has_before": bool(start), "comparison_models": [labels[m] for m in models],
             "comparison_rows": rows, "final_retrieval": final_retrieval, "final_from_comparison": this_model is not None,
             "dimension_rows": dimension_rows, "forgetting_rows": forgetting_rows}
+
+
+def _is_number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
 _DIMENSION_METRIC = re.compile(r"(.+)_dim(\d+)$")

@@ -12,4 +12,5 @@
     significance.py  paired statistics of per-query values: bootstrap interval, sign-flip randomisation p-value
     mteb_results.py  our metrics as MTEB result files; named MTEB tasks run with mteb, when installed
     comparison.py  several models' per-query metrics: JSON Lines, each model against the first
+    rerank_candidates.py  a search's top k per query reranked by a cross-encoder (finetune.evaluate --reranker)
 """

@@ -38,6 +38,7 @@ __all__ = ["METRIC_NAMES", "RetrievalEvaluator", "MultiRetrievalEvaluator", "eva
 logger = logging.getLogger("finetune.retrieval.evaluation")
 
 Run = dict[str, dict[str, float]]  # query id -> {doc id: score}
+SEARCH_DEPTH = 100  # documents evaluate_model keeps per query (recall@100 and map@100 look this deep)
 
 
 def rank(run_scores: dict[str, float]) -> list[str]:
@@ -109,10 +110,11 @@ def in_group_metrics(query_emb: torch.Tensor, corpus_emb: torch.Tensor, query_in
 
 
 def metrics_from_blocks(dataset: RetrievalSet, query_ids: list[str], doc_ids: list[str],
-                        blocks: Iterable[SearchedBlock], *, per_query: bool = False) -> dict:
+                        blocks: Iterable[SearchedBlock], *, per_query: bool = False, return_run: bool = False) -> dict:
     """METRIC_NAMES and the in-group metrics from the searched blocks of the queries (top-k rows and the scores of
     the rows of ``in_group_rows``): the last step of both the in-memory and the on-disk evaluation. ``per_query``
-    adds ``"per_query"``: query id -> METRIC_NAMES (``per_query_metrics``), whose means are the metrics."""
+    adds ``"per_query"``: query id -> METRIC_NAMES (``per_query_metrics``), whose means are the metrics;
+    ``return_run`` adds ``"run"``: the searched run the metrics were computed from (query id -> {doc id: score})."""
     group_rows = in_group_rows(dataset, {doc: row for row, doc in enumerate(doc_ids)})
     run: Run = {}
     row_scores: dict[str, np.ndarray] = {}
@@ -127,6 +129,8 @@ def metrics_from_blocks(dataset: RetrievalSet, query_ids: list[str], doc_ids: li
     metrics.update(in_group_metrics_from_rows(dataset, row_scores))
     if per_query:
         metrics["per_query"] = values
+    if return_run:
+        metrics["run"] = run
     return metrics
 
 
@@ -241,7 +245,7 @@ class ForgettingCheckEvaluator:
 def evaluate_model(model_name_or_path: str, dataset: RetrievalSet, *, batch_size: int | None = None,
                    max_seq_length: int | None = None, truncate_dim: int | None = None, shard_dir: str | None = None,
                    shard_size: int = 50_000, query_block_size: int = 1024, keep_shards: bool = False,
-                   shard_dtype: str = "float32", per_query: bool = False) -> dict:
+                   shard_dtype: str = "float32", per_query: bool = False, return_run: bool = False) -> dict:
     """Retrieval metrics of any SentenceTransformer-loadable model (``load_embedder``), with its saved
     ``query``/``document`` prompts and its declared similarity; adds ``seconds``. ``truncate_dim``: evaluate the
     embeddings cut to that size.
@@ -251,7 +255,9 @@ def evaluate_model(model_name_or_path: str, dataset: RetrievalSet, *, batch_size
     removed afterwards unless ``keep_shards``. The batches, chunks and arithmetic are ``evaluate_retrieval``'s: with
     fp32 shards the metrics equal the in-memory evaluation during training. Under ``accelerate launch`` every
     process calls this with the same ``shard_dir`` and shares the work; the metrics come back on the main process,
-    ``{}`` on the others. ``per_query`` adds ``"per_query"``: query id -> METRIC_NAMES (see ``metrics_from_blocks``).
+    ``{}`` on the others. ``per_query`` adds ``"per_query"``: query id -> METRIC_NAMES (see ``metrics_from_blocks``);
+    ``return_run`` adds ``"run"``: each query's top ``SEARCH_DEPTH`` documents with their scores (a reranker's
+    candidates; main process only, like the metrics).
     """
     state = process_state()
     if shard_dir is None:
@@ -262,7 +268,8 @@ def evaluate_model(model_name_or_path: str, dataset: RetrievalSet, *, batch_size
         with tempfile.TemporaryDirectory(prefix="finetune-evaluate-") as folder:
             return evaluate_model(model_name_or_path, dataset, batch_size=batch_size, max_seq_length=max_seq_length,
                                   truncate_dim=truncate_dim, shard_dir=folder, shard_size=shard_size,
-                                  query_block_size=query_block_size, shard_dtype=shard_dtype, per_query=per_query)
+                                  query_block_size=query_block_size, shard_dtype=shard_dtype, per_query=per_query,
+                                  return_run=return_run)
     start = time.perf_counter()
     embedder = load_embedder(model_name_or_path, device=state.device, max_seq_length=max_seq_length,
                              batch_size=batch_size)
@@ -274,13 +281,13 @@ def evaluate_model(model_name_or_path: str, dataset: RetrievalSet, *, batch_size
     shards = encode_corpus(lambda texts: embedder.encode(texts, "document"), [dataset.corpus[d] for d in doc_ids],
                            options, identity + ["document"], state)
     blocks = search_queries(lambda texts: embedder.encode(texts, "query"), [dataset.queries[q] for q in query_ids],
-                            shards, 100, options, identity + ["query"],
+                            shards, SEARCH_DEPTH, options, identity + ["query"],
                             score_rows=[group_rows.get(qid, []) for qid in query_ids], device=state.device,
                             transform=similarity_transform(embedder.similarity, truncate_dim))
     if not state.is_main_process:
         return {}
     metrics = metrics_from_blocks(dataset, query_ids, doc_ids, read_blocks(blocks, options.query_block_size),
-                                  per_query=per_query)
+                                  per_query=per_query, return_run=return_run)
     metrics["seconds"] = time.perf_counter() - start
     if not keep_shards:
         remove_parts(options)
