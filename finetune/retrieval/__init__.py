@@ -8,6 +8,7 @@
     similarity.py  cosine or dot product, as a transform of the embeddings
     topk.py        exact top-k over chunks of a corpus, in bounded memory, with a fixed tie order
     search.py      query blocks searched over the shards (top-k plus the scores of chosen rows)
+    reranking.py   candidate lists scored by a cross-encoder; the in-training RerankEvaluator
     evaluation.py  the metrics of a search; the in-training evaluator; evaluate_model for the command
     significance.py  paired statistics of per-query values: bootstrap interval, sign-flip randomisation p-value
     mteb_results.py  our metrics as MTEB result files; named MTEB tasks run with mteb, when installed
