@@ -50,6 +50,12 @@ REFUSALS = [
     (["--matryoshka_dims", "a,b"], "--matryoshka_dims takes integers"),
     (["--matryoshka_dims", "64,64"], "--matryoshka_dims must be distinct positive sizes"),
     (["--matryoshka_dims", "64,32", "--matryoshka_weights", "1"], "--matryoshka_weights needs one weight"),
+    (["--false_negative_guide", "oracle", "--false_negative_margin", "0"], "--false_negative_guide must be one of"),
+    (["--false_negative_guide", "teacher"], "need --false_negative_margin (the filter is off)"),
+    (["--false_negative_margin", "inf"], "--false_negative_margin must be a finite number"),
+    (["--false_negative_margin", "0", "--false_negative_guide", "model"], "--guide_model PATH go together"),
+    (["--hardness_weighting", "-1"], "--hardness_weighting must be >= 0"),
+    (["--hardness_weighting", "5", "--ranking_weight", "0", "--distillation", "kl"], "act on the ranking loss"),
     # config.py
     (["{recipe_missing}"], "Cannot read recipe"),
     (["{recipe_list}"], "must be a mapping of option names to values"),

@@ -84,6 +84,8 @@ def ranking_loss(
     directions: tuple[str, ...] = ("query_to_doc",),
     all_query_emb: torch.Tensor | None = None,
     query_keys: torch.Tensor | None = None,
+    false_negatives: torch.Tensor | None = None,
+    hardness_weighting: float = 0.0,
     **options,
 ) -> torch.Tensor:
     """Mean cross-entropy of each query against its positive among its candidates (fp32 scalar).
@@ -91,8 +93,16 @@ def ranking_loss(
     Shapes and options (num_negatives, scale, mode, shard_index, num_shards) as in :func:`ranking_scores`.
     ``directions`` beyond ``query_to_doc`` add the candidates of :func:`direction_scores` to the same
     softmax (they need ``all_query_emb`` (S*B, D), and ``query_keys`` for duplicate masking).
+    ``false_negatives``: optional (B, C) bool over the candidates of :func:`ranking_scores` (e.g.
+    :func:`false_negative_mask`): those get -inf, the positive never. ``hardness_weighting`` alpha > 0 weights
+    every negative of the softmax by its hardness (:func:`hardness_weighted_scores`). Off (None, 0), the loss
+    is the plain one, operation for operation.
     """
     scores, labels = ranking_scores(query_emb, doc_emb, doc_keys, **options)
+    if false_negatives is not None:
+        false_negatives = false_negatives.clone()
+        false_negatives[torch.arange(scores.shape[0], device=scores.device), labels] = False
+        scores = scores.masked_fill(false_negatives, float("-inf"))
     if tuple(directions) != ("query_to_doc",):
         if "query_to_doc" not in directions:
             raise ValueError("The ranking directions must include 'query_to_doc': it holds the target pair.")
@@ -101,7 +111,87 @@ def ranking_loss(
                                  num_negatives=options["num_negatives"], scale=options.get("scale", 20.0),
                                  shard_index=options.get("shard_index", 0), num_shards=options.get("num_shards", 1))
         scores = torch.cat([scores, extra], dim=1)
+    if hardness_weighting:
+        scores = hardness_weighted_scores(scores, labels, alpha=hardness_weighting, scale=options.get("scale", 20.0))
     return F.cross_entropy(scores, labels)
+
+
+# ------------------------------------------------------------------ false negatives and hard-negative weighting
+FALSE_NEGATIVE_GUIDES = ("self", "teacher", "model")
+
+
+def false_negative_mask(guide_scores: torch.Tensor, labels: torch.Tensor, *, margin: float) -> torch.Tensor:
+    """Candidates that a guide scores too close to the query's positive to be trusted as negatives (GISTEmbed).
+
+    Candidate j of query i is a likely false negative when ``guide(i, j) > guide(i, positive_i) - margin``:
+    margin 0 drops what the guide ranks above the positive, a larger margin drops more. The positive is never
+    dropped, nor a candidate the guide cannot score (-inf: a duplicate already masked, or no teacher score).
+
+    Shapes: guide_scores (B, C), any units (cosine, a teacher's score), -inf where undefined; labels (B,) the
+    positive's column -> (B, C) bool, True = drop.
+    """
+    rows = torch.arange(guide_scores.shape[0], device=guide_scores.device)
+    positive = guide_scores[rows, labels].unsqueeze(1)  # (B, 1)
+    mask = guide_scores > positive - margin  # -inf and NaN compare False
+    mask[rows, labels] = False
+    return mask
+
+
+def teacher_guide_scores(doc_scores: torch.Tensor, *, batch: int, num_negatives: int, mode: str = "shared",
+                         doc_keys: torch.Tensor | None = None, shard_index: int = 0,
+                         num_shards: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
+    """A teacher's scores in the candidate layout of :func:`ranking_scores`, where it has them (fp32), and the
+    target columns.
+
+    The records carry a teacher score for each query's own positive and own k hard negatives only; every other
+    candidate (the in-batch ones) gets -inf, so that :func:`false_negative_mask` keeps it. An own negative
+    with the positive's text (``doc_keys``) gets -inf too: :func:`ranking_scores` masks it already.
+
+    Shapes: doc_scores (S*B*(1+k),) in the document layout; doc_keys optional, the same -> scores (B, C), C as
+    in :func:`ranking_scores` (``shared`` S*B*(1+k), ``exclusive`` S*B + k), and labels (B,).
+    """
+    own = own_teacher_scores(doc_scores, batch=batch, num_negatives=num_negatives, shard_index=shard_index,
+                             num_shards=num_shards)  # (B, 1+k), column 0 the positive
+    block = batch * (1 + num_negatives)
+    if doc_keys is not None and num_negatives:
+        local_keys = doc_keys.view(num_shards, block)[shard_index]  # int64: no float rounding of the hashes
+        duplicate = local_keys[batch:].view(batch, num_negatives) == local_keys[:batch, None]  # (B, k)
+        own[:, 1:] = own[:, 1:].masked_fill(duplicate, float("-inf"))
+    rows = torch.arange(batch, device=doc_scores.device)
+    if mode == "shared" or num_negatives == 0:
+        guide = own.new_full((batch, num_shards * block), float("-inf"))
+        start = shard_index * block
+        labels = start + rows
+        negatives = start + batch + rows[:, None] * num_negatives + torch.arange(num_negatives, device=rows.device)
+        guide.scatter_(1, negatives, own[:, 1:])  # (B, k): negative j of query i is document start + B + i*k + j
+    else:
+        guide = own.new_full((batch, num_shards * batch + num_negatives), float("-inf"))
+        labels = shard_index * batch + rows
+        guide[:, num_shards * batch:] = own[:, 1:]
+    guide[rows, labels] = own[:, 0]
+    return guide, labels
+
+
+def hardness_weighted_scores(scores: torch.Tensor, labels: torch.Tensor, *, alpha: float,
+                             scale: float = 20.0) -> torch.Tensor:
+    """Logits whose softmax weights each negative by its hardness: the positive's logit unchanged, negative j's
+    plus log w_ij, so that the denominator is ``exp(s_i+) + sum_j w_ij exp(s_ij)``.
+
+    ``w_ij = exp(alpha cos_ij) / mean_j' exp(alpha cos_ij')`` over query i's negatives (finite scores other than
+    the positive; cos = score / scale), detached: an importance weighting of the negatives towards the hard ones,
+    as in the hard-negative contrastive loss of Robinson et al., "Contrastive Learning with Hard Negative
+    Samples" (ICLR 2021), whose beta (on logits) is alpha x temperature here. The mean weight is 1, so alpha -> 0
+    gives the plain loss; the weights carry no gradient, only where the gradient goes.
+
+    Shapes: scores (B, C) fp32 scaled cosines, -inf where masked; labels (B,) -> (B, C).
+    """
+    rows = torch.arange(scores.shape[0], device=scores.device)
+    negative = torch.isfinite(scores)
+    negative[rows, labels] = False
+    hardness = torch.where(negative, alpha * scores.detach() / scale, float("-inf"))  # (B, C)
+    count = negative.sum(1, keepdim=True).clamp(min=1).to(scores.dtype)  # (B, 1)
+    log_mean = torch.logsumexp(hardness, dim=1, keepdim=True) - count.log()  # log of the mean of exp(hardness)
+    return scores + torch.where(negative, hardness - log_mean, 0.0)
 
 
 # ------------------------------------------------------------------ more in-batch directions (GTE's joint softmax)

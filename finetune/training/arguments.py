@@ -20,7 +20,7 @@ from finetune.model.decoders import ATTENTION_MODES
 from finetune.training.distributed import GATHER_MODES
 from finetune.model.lora import LoraSettings
 from finetune.training.monitoring import ON_NON_FINITE
-from finetune.objectives.losses import DIRECTIONS, DISTILLATION_KINDS, NEGATIVE_MODES
+from finetune.objectives.losses import DIRECTIONS, DISTILLATION_KINDS, FALSE_NEGATIVE_GUIDES, NEGATIVE_MODES
 from finetune.objectives.reranking import RERANKER_LOSSES
 from finetune.model.pooling import POOLING_MODES
 from finetune.data.text import TextSide
@@ -317,6 +317,32 @@ class EmbeddingTrainingArguments(TrainingArguments):
                           "reports metrics at each size (eval_ndcg@10_dim128...). Unset = off."})
     matryoshka_weights: list[str] | None = field(
         default=None, metadata={"help": "Weight of each --matryoshka_dims size (same count). Default: 1 each."})
+    false_negative_margin: float | None = field(
+        default=None,
+        metadata={"help": "Drop likely false negatives inside the ranking loss (GISTEmbed): a candidate document of a "
+                          "query (in-batch or hard negative, over the global batch; never its positive) that the "
+                          "--false_negative_guide scores above the positive's score minus this margin leaves the "
+                          "softmax. 0 = only what the guide ranks above the positive; larger drops more; in the "
+                          "guide's units (cosine for self and model). The number dropped per batch (all processes "
+                          "together) is logged as false_negatives_masked. Unset = off. See [False negatives inside "
+                          "the loss](training.md#false-negatives-inside-the-loss)."})
+    false_negative_guide: str = field(
+        default="self",
+        metadata={"help": "What scores the candidates for --false_negative_margin: 'self' (the model being trained, "
+                          "its cosine without gradient: no extra cost), 'teacher' (the records' pos_scores/neg_scores: "
+                          "only a query's own hard negatives have one, so in-batch candidates are always kept; every "
+                          "training record needs scores), or 'model' (a frozen --guide_model embedding the same "
+                          "batch, as GISTEmbed)."})
+    guide_model: str | None = field(
+        default=None,
+        metadata={"help": "With --false_negative_guide model: Hub id or path of the frozen guide embedding model. It "
+                          "embeds the batch's token ids (prefixes included), so it must use the tokenizer of "
+                          "--model_name_or_path (refused otherwise); every process holds a copy; it is not saved."})
+    hardness_weighting: float = field(
+        default=0.0,
+        metadata={"help": "Weight each negative of the ranking loss's softmax by exp(alpha x its cosine), detached and "
+                          "normalised to mean 1 per query, so harder negatives count more (Robinson et al. 2021's "
+                          "hard-negative loss; their beta = alpha x --temperature: 10 is beta 0.5 at 0.05). 0 = off."})
     on_non_finite: str = field(
         default="stop",
         metadata={"help": "What an inf/NaN loss or gradient does: 'stop' the run with a message naming the step and "
@@ -366,6 +392,7 @@ class EmbeddingTrainingArguments(TrainingArguments):
         if self.on_non_finite not in ON_NON_FINITE:
             raise ValueError(f"--on_non_finite must be one of {ON_NON_FINITE}, got {self.on_non_finite!r}.")
         self._check_objective()
+        self._check_false_negatives()
         if self.train_sampling_strategy not in SAMPLING_STRATEGIES:
             raise ValueError(f"--train_sampling_strategy {self.train_sampling_strategy} is not supported here; "
                              f"use one of {SAMPLING_STRATEGIES}.")
@@ -416,6 +443,25 @@ class EmbeddingTrainingArguments(TrainingArguments):
             if len(self.matryoshka_weights) != len(self.matryoshka_dims) or min(self.matryoshka_weights) < 0:
                 raise ValueError(f"--matryoshka_weights needs one weight >= 0 per size of --matryoshka_dims "
                                  f"({len(self.matryoshka_dims)}), got {self.matryoshka_weights}.")
+
+    def _check_false_negatives(self) -> None:
+        """Validate --false_negative_margin, --false_negative_guide, --guide_model and --hardness_weighting."""
+        import math
+
+        if self.false_negative_guide not in FALSE_NEGATIVE_GUIDES:
+            raise ValueError(f"--false_negative_guide must be one of {FALSE_NEGATIVE_GUIDES}, "
+                             f"got {self.false_negative_guide!r}.")
+        if self.false_negative_margin is None and (self.false_negative_guide != "self" or self.guide_model):
+            raise ValueError("--false_negative_guide / --guide_model need --false_negative_margin (the filter is off).")
+        if self.false_negative_margin is not None and not math.isfinite(self.false_negative_margin):
+            raise ValueError(f"--false_negative_margin must be a finite number, got {self.false_negative_margin}.")
+        if (self.false_negative_guide == "model") != bool(self.guide_model):
+            raise ValueError("--false_negative_guide model and --guide_model PATH go together.")
+        if not (math.isfinite(self.hardness_weighting) and self.hardness_weighting >= 0):
+            raise ValueError(f"--hardness_weighting must be >= 0 (0 = off), got {self.hardness_weighting}.")
+        if self.ranking_weight == 0 and (self.false_negative_margin is not None or self.hardness_weighting):
+            raise ValueError("--false_negative_margin and --hardness_weighting act on the ranking loss, which "
+                             "--ranking_weight 0 turns off.")
 
     @property
     def scale(self) -> float:

@@ -118,7 +118,9 @@ def check_cross_encoder_options(data_args: DataArguments, training_args: Embeddi
     bi_encoder_only = [name for name, used in (
         ("--gradcache_mini_batch_size", training_args.gradcache_mini_batch_size),
         ("--matryoshka_dims", training_args.matryoshka_dims),
-        ("--ranking_directions", list(training_args.ranking_directions) != ["query_to_doc"])) if used]
+        ("--ranking_directions", list(training_args.ranking_directions) != ["query_to_doc"]),
+        ("--false_negative_margin", training_args.false_negative_margin is not None),
+        ("--hardness_weighting", training_args.hardness_weighting != 0)) if used]
     if bi_encoder_only:
         raise ConfigError(f"{', '.join(bi_encoder_only)}: bi-encoder options; a cross-encoder scores each pair on its "
                           "own. Drop them, or train with --model_type bi-encoder.")

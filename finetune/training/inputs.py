@@ -19,6 +19,8 @@ from finetune.retrieval.sets import load_retrieval_set, retrieval_set_from_recor
 from finetune.objectives.builtin import DatasetDispatch, build_objective
 from finetune.objectives.reranking import build_reranker_objective
 from finetune.retrieval.reranking import RerankEvaluator
+from finetune.objectives.guide import GuideEncoder, tokenizer_mismatch
+from finetune.model.embedding_model import EmbeddingModel, ModelLoadError
 
 
 def pair_max_length(data_args) -> int:
@@ -47,6 +49,9 @@ def read_data(data_args, training_args) -> RawData:
             if (data_args.num_hard_negatives if spec.num_hard_negatives is None else spec.num_hard_negatives) < 1:
                 raise ConfigError(f"--distillation compares each query's positive with its hard negatives: dataset "
                                   f"{spec.name!r} needs --num_hard_negatives >= 1.")
+    if training_args.false_negative_margin is not None and training_args.false_negative_guide == "teacher":
+        for _, raw in train:
+            check_teacher_scores(raw, "--false_negative_guide teacher")
     retrieval_sets = None
     if data_args.eval_retrieval_data:
         retrieval_sets = {"": load_retrieval_set(data_args.eval_retrieval_data, extra_corpus=data_args.eval_corpus_file)}
@@ -121,12 +126,30 @@ def build_training_data(raw: RawData, data_args, training_args, tokenizer, *,
             evaluator = ForgettingCheckEvaluator(evaluator, general)
     if cross_encoder:
         return TrainingData(train, validation, evaluator, build_reranker_objective(training_args))
-    objective = build_objective(training_args)
+    guide = load_guide(training_args, tokenizer)
+    objective = build_objective(training_args, guide=guide)
     if len(raw.train) > 1 or len(raw.validation) > 1:  # per-dataset hard-negative modes; each batch's dataset logged
         modes = {names.index(spec.name): spec.hard_negatives_mode for spec, _ in raw.train + raw.validation}
         objective = DatasetDispatch(
             {i: objective if mode in (None, training_args.hard_negatives_mode)
-             else build_objective(training_args, hard_negatives_mode=mode) for i, mode in modes.items()},
+             else build_objective(training_args, hard_negatives_mode=mode, guide=guide) for i, mode in modes.items()},
             names, default=objective,
             logged=[names.index(spec.name) for spec, _ in raw.train] if len(raw.train) > 1 else [])
     return TrainingData(train, validation, evaluator, objective)
+
+
+def load_guide(training_args, tokenizer) -> GuideEncoder | None:
+    """The frozen guide of ``--false_negative_guide model`` (``--guide_model``), or None without one. Refused unless
+    it reads token ids as ``tokenizer`` (the trained model's) does: it embeds the batch's token ids."""
+    if training_args.false_negative_margin is None or training_args.false_negative_guide != "model":
+        return None
+    path = training_args.guide_model
+    try:
+        model = EmbeddingModel.from_pretrained(path, padding_free=True)
+    except ModelLoadError as error:  # its message names the main model's option
+        raise ConfigError(str(error).replace("--model_name_or_path", "--guide_model", 1)) from None
+    mismatch = tokenizer_mismatch(model.tokenizer, tokenizer)
+    if mismatch:
+        raise ConfigError(f"--guide_model {path!r} has another tokenizer than the model trained ({mismatch}); the "
+                          "guide embeds the batch's token ids, so it needs the same one.")
+    return GuideEncoder(model, training_args.gradcache_mini_batch_size)

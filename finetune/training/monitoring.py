@@ -17,6 +17,9 @@ from finetune.training.distributed import world
 logger = logging.getLogger("finetune.training.trainer")
 
 ON_NON_FINITE = ("stop", "skip")
+# Components that count things in a process's share of the batch (``false_negatives_masked``, Matryoshka's
+# ``false_negatives_masked_dim64``...): summed over the processes, so that the log counts the whole batch.
+SUMMED_COMPONENTS = ("false_negatives_masked",)
 
 
 class NonFiniteError(RuntimeError):
@@ -64,7 +67,8 @@ class NonFiniteGuard:
 
 
 class ComponentMeter:
-    """Running means of the objective's named components between two logging steps."""
+    """Running means of the objective's named components between two logging steps (per step; over processes,
+    the mean, or the sum for the counts of ``SUMMED_COMPONENTS``)."""
 
     def __init__(self):
         self.sums: dict[str, torch.Tensor] = defaultdict(lambda: torch.zeros(()))
@@ -76,7 +80,8 @@ class ComponentMeter:
         self.count += 1
 
     def pop_means(self) -> dict[str, float]:
-        """The means since the last call, averaged over processes (every process must call it together)."""
+        """The means since the last call, averaged (counts: summed) over processes (every process must call it
+        together)."""
         if not self.count or not self.sums:
             self.count = 0
             return {}
@@ -84,7 +89,8 @@ class ComponentMeter:
         means = torch.stack([self.sums[name] for name in names]) / self.count
         if world()[1] > 1:
             dist.all_reduce(means)
-            means /= world()[1]
+            summed = torch.tensor([name.startswith(SUMMED_COMPONENTS) for name in names], device=means.device)
+            means = torch.where(summed, means, means / world()[1])
         self.sums.clear()
         self.count = 0
         return {name: value for name, value in zip(names, means.tolist())}
