@@ -49,6 +49,9 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--output_dir", default="outputs/blending", help="Work folder (replaced).")
     parser.add_argument("--max_steps", type=int, default=40, help="Steps of each fine-tune (default 40).")
     parser.add_argument("--sampling", default="proportional", help="--dataset_sampling of the blended run.")
+    parser.add_argument("--seeds", type=int, nargs="+", default=None,
+                        help="Train each run once per seed (python -m finetune.seeds) and report the mean (sd in "
+                             "results.json). Default: one run each, the recipe's seed.")
     args = parser.parse_args(argv)
     shutil.rmtree(args.output_dir, ignore_errors=True)
     os.makedirs(args.output_dir)
@@ -59,12 +62,21 @@ def main(argv: list[str] | None = None) -> dict:
             "n_to_z only": [spec("n_to_z", train_halves["n_to_z"])],
             f"blended ({args.sampling})": [spec(name, path) for name, path in train_halves.items()]}
     results = {}
+    keys = ("a_to_m_ndcg@10", "n_to_z_ndcg@10", "ndcg@10", "a_to_m_mrr@10", "n_to_z_mrr@10")
     for name, datasets in runs.items():
-        metrics = train.main([DEFAULT_RECIPE, "--output_dir", os.path.join(args.output_dir, name.split()[0]),
-                              "--max_steps", str(args.max_steps), "--report_to", "none", "--eval_on_start", "false",
-                              "--train_datasets", *datasets, "--dataset_sampling", args.sampling, *validation])
-        results[name] = {key: metrics[f"eval_{key}"] for key in
-                         ("a_to_m_ndcg@10", "n_to_z_ndcg@10", "ndcg@10", "a_to_m_mrr@10", "n_to_z_mrr@10")}
+        argv = [DEFAULT_RECIPE, "--max_steps", str(args.max_steps), "--report_to", "none", "--eval_on_start", "false",
+                "--train_datasets", *datasets, "--dataset_sampling", args.sampling, *validation]
+        folder = os.path.join(args.output_dir, name.split()[0])
+        if args.seeds:
+            from finetune.seeds import summary, sweep
+
+            seeded = sweep(args.seeds, argv, folder)["runs"].values()
+            stats = {key: summary([run["final"][key] for run in seeded]) for key in keys}
+            results[name] = {**{key: stats[key]["mean"] for key in keys},
+                             **{f"{key}_sd": stats[key]["sd"] for key in keys}}
+        else:
+            metrics = train.main([*argv, "--output_dir", folder])
+            results[name] = {key: metrics[f"eval_{key}"] for key in keys}
         write_json_atomic(os.path.join(args.output_dir, "results.json"), results, indent=2)
     sizes = {name: sum(1 for _ in open(path, encoding="utf-8")) for name, path in train_halves.items()}
     print(f"\ntraining records: {sizes}")

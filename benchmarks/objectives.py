@@ -36,11 +36,21 @@ DIMS = (384, 256, 128, 64)
 ALL_DIRECTIONS = "query_to_doc,doc_to_query,query_to_query,doc_to_doc"
 
 
+SEEDS: list[int] | None = None  # --seeds: every fine-tune runs once per seed (finetune.seeds); tables show mean and sd
+
+
 def fine_tune(folder: str, max_steps: int, *extra: str) -> dict:
-    metrics = train.main([DEFAULT_RECIPE, "--output_dir", folder, "--max_steps", str(max_steps), "--eval_on_start",
-                          "false", "--report_to", "none", "--overwrite_output_dir", "true",
-                          "--validation_file", EXAMPLE_VALIDATION_FILE, *extra])
-    return {key: metrics.get(f"eval_{key}") for key in ("ndcg@10", "mrr@10", "recall@1")}
+    argv = [DEFAULT_RECIPE, "--max_steps", str(max_steps), "--eval_on_start", "false", "--report_to", "none",
+            "--overwrite_output_dir", "true", "--validation_file", EXAMPLE_VALIDATION_FILE, *extra]
+    keys = ("ndcg@10", "mrr@10", "recall@1")
+    if SEEDS:
+        from finetune.seeds import summary, sweep
+
+        runs = sweep(SEEDS, argv, folder)["runs"].values()
+        stats = {key: summary([run["final"][key] for run in runs]) for key in keys}
+        return {**{key: stats[key]["mean"] for key in keys}, **{f"{key}_sd": stats[key]["sd"] for key in keys}}
+    metrics = train.main([*argv, "--output_dir", folder])
+    return {key: metrics.get(f"eval_{key}") for key in keys}
 
 
 def ndcg_by_dimension(model_path: str, dims=DIMS) -> dict[int, float]:
@@ -102,7 +112,9 @@ def directions(work: str, max_steps: int) -> dict:
 def _print_rows(results: dict, label: str) -> None:
     print(f"\n| {label} | held-out nDCG@10 | MRR@10 | Recall@1 |\n|---|---|---|---|")
     for name, values in results.items():
-        print(f"| {name} | {values['ndcg@10']:.4f} | {values['mrr@10']:.4f} | {values['recall@1']:.4f} |")
+        cells = [f"{values[key]:.4f}" + (f" ± {values[key + '_sd']:.4f}" if key + "_sd" in values else "")
+                 for key in ("ndcg@10", "mrr@10", "recall@1")]
+        print(f"| {name} | {' | '.join(cells)} |")
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -112,7 +124,12 @@ def main(argv: list[str] | None = None) -> dict:
                         help="Comma-separated sections to run (default: all three).")
     parser.add_argument("--max_steps", type=int, default=40, help="Steps of each fine-tune (default 40, the default job).")
     parser.add_argument("--teacher_steps", type=int, default=160, help="Steps of the distillation teacher (default 160).")
+    parser.add_argument("--seeds", type=int, nargs="+", default=None,
+                        help="Train every fine-tune once per seed (python -m finetune.seeds) and report mean ± sd. "
+                             "Default: one run each, the recipe's seed.")
     args = parser.parse_args(argv)
+    global SEEDS
+    SEEDS = args.seeds
     torch.manual_seed(0)
     shutil.rmtree(args.output_dir, ignore_errors=True)
     os.makedirs(args.output_dir)

@@ -45,3 +45,26 @@ def test_the_old_decoder_shape_reproduces_the_gpu_crash_and_the_new_one_runs():
     new.intermediate_size = 64
     hidden = Qwen3Model(new)(input_ids=input_ids, attention_mask=mask).last_hidden_state
     assert hidden.shape == (2, 7, 1024) and torch.isfinite(hidden).all()
+
+
+def test_objectives_benchmark_with_seeds_reports_mean_and_sd_of_the_seeded_runs(monkeypatch, tmp_path):
+    """--seeds: each fine-tune of the table is a finetune.seeds sweep; the row is the mean, with the sd beside it."""
+    import statistics
+
+    from finetune import seeds
+
+    objectives = load_benchmark("objectives")
+    finals = {"1": {"ndcg@10": 0.70, "mrr@10": 0.60, "recall@1": 0.50},
+              "2": {"ndcg@10": 0.74, "mrr@10": 0.66, "recall@1": 0.52}}
+    calls = []
+
+    def fake_sweep(seed_list, argv, folder):
+        calls.append((seed_list, folder))
+        return {"runs": {seed: {"final": values} for seed, values in finals.items()}}
+
+    monkeypatch.setattr(seeds, "sweep", fake_sweep)
+    monkeypatch.setattr(objectives, "SEEDS", [1, 2])
+    row = objectives.fine_tune(str(tmp_path / "run"), 40, "--temperature", "0.05")
+    assert calls == [([1, 2], str(tmp_path / "run"))]
+    assert row["ndcg@10"] == pytest.approx(0.72) and row["ndcg@10_sd"] == pytest.approx(statistics.stdev([0.70, 0.74]))
+    assert row["recall@1_sd"] == pytest.approx(statistics.stdev([0.50, 0.52]))
