@@ -32,7 +32,6 @@ import math
 import os
 import re
 import shutil
-import sys
 import uuid
 from dataclasses import dataclass
 
@@ -457,11 +456,9 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 def cli() -> None:
-    try:
-        main()
-    except (FileNotFoundError, ValueError) as error:
-        print(f"error: {error}", file=sys.stderr)
-        sys.exit(2)
+    from finetune.training.distributed import run_command
+
+    run_command(main)
 
 
 if __name__ == "__main__":

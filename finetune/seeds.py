@@ -125,14 +125,9 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 def cli() -> None:
-    from finetune.data.schema import DataFormatError
-    from finetune.training.config import ConfigError
+    from finetune.training.distributed import run_command
 
-    try:
-        main()
-    except (ValueError, FileNotFoundError, ConfigError, DataFormatError) as error:
-        print(f"error: {error}", file=sys.stderr)
-        sys.exit(2)
+    run_command(main)
 
 
 if __name__ == "__main__":

@@ -77,20 +77,20 @@ def load_raw_dataset(patterns: str | list[str]) -> datasets.Dataset:
         raise
 
 
-def _tokenize_batch(batch: dict, tokenizer, query: TextSide, document: TextSide) -> dict:
-    def tokenize_lists(lists: list[list[str]]) -> list[list[list[int]]]:
-        flat = document.input_ids(tokenizer, [text for texts in lists for text in texts])
-        out, start = [], 0
-        for texts in lists:
-            out.append(flat[start:start + len(texts)])
-            start += len(texts)
-        return out
+def _per_record(flat: list, lists: list[list[str]]) -> list[list]:
+    """``flat`` (one item per text of ``lists``, in order) cut back into one list per record."""
+    out, start = [], 0
+    for texts in lists:
+        out.append(flat[start:start + len(texts)])
+        start += len(texts)
+    return out
 
+
+def _record_columns(batch: dict, tokenizer, query: TextSide) -> dict:
+    """The columns every model gets: tokenized queries, content keys of queries and documents, optional fields."""
     return {
         "query_input_ids": query.input_ids(tokenizer, batch[QUESTION]),
         "query_key": [text_key(text) for text in batch[QUESTION]],
-        "pos_input_ids": tokenize_lists(batch[POS_DOC]),
-        "neg_input_ids": tokenize_lists(batch[NEG_DOC]),
         "pos_keys": [[text_key(text) for text in texts] for texts in batch[POS_DOC]],
         "neg_keys": [[text_key(text) for text in texts] for texts in batch[NEG_DOC]],
         **{key: batch[key] for key in OPTIONAL_FIELDS},
@@ -98,24 +98,27 @@ def _tokenize_batch(batch: dict, tokenizer, query: TextSide, document: TextSide)
     }
 
 
+def _tokenize_batch(batch: dict, tokenizer, query: TextSide, document: TextSide) -> dict:
+    def tokenize_lists(lists: list[list[str]]) -> list[list[list[int]]]:
+        return _per_record(document.input_ids(tokenizer, [text for texts in lists for text in texts]), lists)
+
+    return {**_record_columns(batch, tokenizer, query),
+            "pos_input_ids": tokenize_lists(batch[POS_DOC]), "neg_input_ids": tokenize_lists(batch[NEG_DOC])}
+
+
 def _tokenize_pair_batch(batch: dict, tokenizer, query: TextSide, document: TextSide, max_length: int) -> dict:
     """``_tokenize_batch``'s columns, with each document tokenized together with its question as one pair (cut to
     ``max_length`` longest first, as ``CrossEncoder.predict`` does), plus the pairs' segment ids."""
-    out = _tokenize_batch(batch, tokenizer, query, query)  # queries and keys as for a bi-encoder; documents replaced
+    out = _record_columns(batch, tokenizer, query)
     questions = query.prompted(batch[QUESTION])
-    for field in (POS_DOC, NEG_DOC):
+    for field, prefix in ((POS_DOC, "pos"), (NEG_DOC, "neg")):
         lists = batch[field]
         pairs = [(question, text) for question, texts in zip(questions, lists) for text in document.prompted(texts)]
         encoded = tokenizer([q for q, _ in pairs], [d for _, d in pairs], truncation=True,
                             max_length=max_length) if pairs else {"input_ids": []}
         types = encoded.get("token_type_ids") or [[0] * len(ids) for ids in encoded["input_ids"]]
-        ids_out, types_out, start = [], [], 0
-        for texts in lists:
-            ids_out.append(encoded["input_ids"][start:start + len(texts)])
-            types_out.append(types[start:start + len(texts)])
-            start += len(texts)
-        prefix = "pos" if field == POS_DOC else "neg"
-        out[f"{prefix}_input_ids"], out[f"{prefix}_token_type_ids"] = ids_out, types_out
+        out[f"{prefix}_input_ids"] = _per_record(encoded["input_ids"], lists)
+        out[f"{prefix}_token_type_ids"] = _per_record(types, lists)
     return out
 
 

@@ -37,13 +37,11 @@ import argparse
 import json
 import logging
 import os
-import sys
 import tempfile
 import time
 
 from finetune.data.text import TextSide
 from finetune.training.checkpointing import write_json_atomic
-from finetune.training.distributed import end_process_group
 from finetune.retrieval import mteb_results
 from finetune.retrieval.comparison import compare_to_first, format_comparisons, write_per_query
 from finetune.retrieval.evaluation import METRIC_NAMES, SEARCH_DEPTH, compute_metrics, evaluate_model
@@ -253,12 +251,9 @@ def default_shard_dir(args) -> str:
 
 
 def cli() -> None:
-    try:
-        main()
-    except (FileNotFoundError, ValueError) as error:
-        print(f"error: {error}", file=sys.stderr)
-        sys.exit(2)
-    end_process_group()  # several processes: all done, then the groups go before the interpreter does
+    from finetune.training.distributed import run_command
+
+    run_command(main)
 
 
 if __name__ == "__main__":

@@ -45,7 +45,6 @@ class CrossEncoderModel(nn.Module):
         self.tokenizer = tokenizer
         self.max_length = max_length
         self.activation = activation
-        self.lora = None  # the trainer's sharding checks ask; LoRA rerankers are not supported yet
 
     @classmethod
     def from_pretrained(cls, model_name_or_path: str, *, max_length: int, activation: str = "identity",

@@ -125,3 +125,15 @@ def peer_failure_message(output_dir: str, world_size: int) -> Iterator[None]:
                    + (f"{last}." if last else "the start (no complete checkpoint yet)."))
         logger.error(message)
         raise PeerProcessError(message) from error
+
+
+def run_command(main) -> None:
+    """A command's entry point (``finetune.evaluate``, ``finetune.interpolate``, ``finetune.seeds``): bad input (a
+    ValueError of any kind, a missing file) ends with one line ``error: ...`` and exit code 2, not a traceback; a
+    finished run ends its process group (:func:`end_process_group`; a no-op in one process)."""
+    try:
+        main()
+    except (FileNotFoundError, NotADirectoryError, ValueError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        sys.exit(2)
+    end_process_group()
